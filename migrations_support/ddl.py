@@ -1,0 +1,243 @@
+"""DDL steps of revisions 040 and 041, built on Alembic's own operations.
+
+Every step that takes a lock writers wait for runs under lock_timeout, so
+a long transaction holding ``workflow_runs`` makes the step give up and
+retry after a pause instead of queueing every writer behind it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterator
+
+import sqlalchemy as sa
+from alembic.operations import Operations
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy.exc import DBAPIError
+
+from migrations_support import offline
+from migrations_support.errors import BackfillError
+from migrations_support.schema import (
+    ACTIVE_STATUSES,
+    KEY_INDEX_NAME,
+    LEDGER_TABLE_NAME,
+    key_columns,
+    ledger_columns,
+    runs_columns_040,
+)
+from migrations_support.settings import BackfillSettings
+
+log = logging.getLogger(__name__)
+
+LOCK_ATTEMPTS = 5
+LOCK_BACKOFF_S = 0.5
+LOCK_NOT_AVAILABLE = "55P03"
+
+
+def key_index_predicate() -> sa.TextClause:
+    """Return the partial index's WHERE clause: active runs that have a key."""
+    statuses = ", ".join(f"'{status}'" for status in ACTIVE_STATUSES)
+    return sa.text(f"status IN ({statuses}) AND run_key_normalized IS NOT NULL")
+
+
+def create_runs_table(op: Operations) -> None:
+    """Create ``workflow_runs`` as it was before the run keys."""
+    op.create_table("workflow_runs", *runs_columns_040())
+    op.create_index(
+        "workflow_runs_workflow_id_created_at_idx",
+        "workflow_runs",
+        ["workflow_id", "created_at"],
+    )
+
+
+def drop_runs_table(op: Operations, context: MigrationContext) -> None:
+    """Drop ``workflow_runs``, but only while it holds no runs."""
+    if context.as_sql:
+        op.execute(offline.refuse_if_runs_exist())
+    else:
+        assert context.bind is not None
+        count = context.bind.execute(
+            sa.text("SELECT count(*) FROM workflow_runs")
+        ).scalar()
+        if count:
+            raise BackfillError(
+                f"workflow_runs holds {count} runs: downgrading below "
+                "040_workflow_runs would drop them, so it is allowed only on an "
+                "empty table"
+            )
+    op.drop_table("workflow_runs")
+
+
+@contextlib.contextmanager
+def _lock_timeout(bind: sa.Connection, timeout_ms: int) -> Iterator[None]:
+    """Set lock_timeout for the session and put back the previous value."""
+    previous = bind.execute(
+        sa.text("SELECT current_setting('lock_timeout')")
+    ).scalar_one()
+    bind.execute(
+        sa.select(sa.func.set_config("lock_timeout", f"{timeout_ms}ms", False))
+    )
+    try:
+        yield
+    finally:
+        bind.execute(sa.select(sa.func.set_config("lock_timeout", previous, False)))
+
+
+def _with_lock_retries(
+    description: str, settings: BackfillSettings, step: Callable[[], None]
+) -> None:
+    """Run ``step``, retrying with growing pauses when its lock wait times out."""
+    for attempt in range(1, LOCK_ATTEMPTS + 1):
+        try:
+            step()
+            return
+        except DBAPIError as error:
+            if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
+                raise
+            pause_s = LOCK_BACKOFF_S * 2 ** (attempt - 1)
+            log.warning(
+                "%s: lock not granted within lock_timeout=%dms (attempt %d of %d); "
+                "retrying in %.1f s",
+                description,
+                settings.lock_timeout_ms,
+                attempt,
+                LOCK_ATTEMPTS,
+                pause_s,
+            )
+            if attempt < LOCK_ATTEMPTS:
+                time.sleep(pause_s)
+    raise BackfillError(
+        f"{description}: could not lock workflow_runs within "
+        f"lock_timeout={settings.lock_timeout_ms}ms in {LOCK_ATTEMPTS} attempts; "
+        "a long-running transaction holds it (see pg_stat_activity), "
+        "end it or retry later"
+    )
+
+
+def add_key_columns(
+    op: Operations, context: MigrationContext, settings: BackfillSettings
+) -> None:
+    """Add the two key columns and the ledger table under lock_timeout."""
+
+    def add() -> None:
+        for column in key_columns():
+            op.add_column("workflow_runs", column)
+        op.create_table(LEDGER_TABLE_NAME, *ledger_columns())
+
+    if context.as_sql:
+        op.execute(f"SET LOCAL lock_timeout = '{settings.lock_timeout_ms}ms'")
+        add()
+        return
+    bind = context.bind
+    assert bind is not None
+
+    def add_in_savepoint() -> None:
+        # A savepoint lets a timed-out attempt roll back without ending the
+        # migration's transaction.
+        with bind.begin_nested():
+            bind.execute(
+                sa.select(
+                    sa.func.set_config(
+                        "lock_timeout", f"{settings.lock_timeout_ms}ms", True
+                    )
+                )
+            )
+            add()
+
+    _with_lock_retries("adding the run key columns", settings, add_in_savepoint)
+
+
+def _index_is_invalid(bind: sa.Connection) -> bool:
+    query = sa.text(
+        "SELECT NOT i.indisvalid FROM pg_index i "
+        "JOIN pg_class c ON c.oid = i.indexrelid "
+        "WHERE c.relname = :name AND c.relnamespace = current_schema()::regnamespace"
+    )
+    return bool(bind.execute(query, {"name": KEY_INDEX_NAME}).scalar())
+
+
+def create_key_index(
+    op: Operations, context: MigrationContext, settings: BackfillSettings
+) -> None:
+    """Build the partial unique index CONCURRENTLY, replacing an INVALID one.
+
+    An interrupted concurrent build leaves an INVALID index that PostgreSQL
+    keeps updating but never uses; it is dropped and built again.
+    """
+    with context.autocommit_block():
+        if context.as_sql:
+            op.execute(f"SET lock_timeout = '{settings.lock_timeout_ms}ms'")
+            op.execute(offline.drop_invalid_index_sql())
+            _create_index(op)
+            op.execute("RESET lock_timeout")
+            return
+        bind = context.bind
+        assert bind is not None
+
+        def build() -> None:
+            if _index_is_invalid(bind):
+                log.warning(
+                    "dropping INVALID index %s left by an interrupted build",
+                    KEY_INDEX_NAME,
+                )
+                op.drop_index(
+                    KEY_INDEX_NAME,
+                    table_name="workflow_runs",
+                    postgresql_concurrently=True,
+                )
+            _create_index(op)
+
+        with _lock_timeout(bind, settings.lock_timeout_ms):
+            _with_lock_retries(f"building index {KEY_INDEX_NAME}", settings, build)
+
+
+def _create_index(op: Operations) -> None:
+    op.create_index(
+        KEY_INDEX_NAME,
+        "workflow_runs",
+        ["workflow_id", "run_key_normalized"],
+        unique=True,
+        postgresql_concurrently=True,
+        postgresql_where=key_index_predicate(),
+        if_not_exists=True,
+    )
+
+
+def drop_key_schema(
+    op: Operations, context: MigrationContext, settings: BackfillSettings
+) -> None:
+    """Drop the index CONCURRENTLY, then the ledger and the key columns."""
+    with context.autocommit_block():
+        op.drop_index(
+            KEY_INDEX_NAME,
+            table_name="workflow_runs",
+            postgresql_concurrently=True,
+            if_exists=True,
+        )
+
+    def drop() -> None:
+        op.drop_table(LEDGER_TABLE_NAME)
+        op.drop_column("workflow_runs", "run_key_normalized")
+        op.drop_column("workflow_runs", "run_key")
+
+    if context.as_sql:
+        op.execute(f"SET LOCAL lock_timeout = '{settings.lock_timeout_ms}ms'")
+        drop()
+        return
+    bind = context.bind
+    assert bind is not None
+
+    def drop_in_savepoint() -> None:
+        with bind.begin_nested():
+            bind.execute(
+                sa.select(
+                    sa.func.set_config(
+                        "lock_timeout", f"{settings.lock_timeout_ms}ms", True
+                    )
+                )
+            )
+            drop()
+
+    _with_lock_retries("dropping the run key columns", settings, drop_in_savepoint)
