@@ -94,6 +94,8 @@ _COPY_SQL: Final = f"COPY workflow_runs ({', '.join(COPY_COLUMNS)}) FROM STDIN"
 _DAY_S: Final = 86_400.0
 _END_TS: Final = CREATED_AT_END.timestamp()
 _SPAN_S: Final = CREATED_AT_SPAN.total_seconds()
+# Probability that an active run reuses the key of a recent active run of its
+# workflow, and how many recent keys each workflow keeps for that.
 _ACTIVE_COLLISION_RATE: Final = 0.04
 _RECENT_KEYS_PER_WORKFLOW: Final = 16
 
@@ -400,7 +402,7 @@ def load_runs(
     rows = generate_runs(count, seed)
     with conn.cursor() as cursor:
         with cursor.copy(_COPY_SQL) as copy:
-            copy.set_types(list(_COPY_TYPES))
+            copy.set_types(_COPY_TYPES)
             for row in rows:
                 copy.write_row(row)
         loaded = cursor.rowcount
@@ -469,12 +471,13 @@ class _RunFactory:
         recent = self._recent_active_keys[workflow.name]
         if active and recent and self._random() < _ACTIVE_COLLISION_RATE:
             source, key = recent[int(self._random() * len(recent))]
-            return self._build_sources(workflow, source, self._equivalent(key))
+            key = self._equivalent(key)
+            return self._build_sources(workflow, source, key, created_ts)
         source = _KEY_SOURCES[workflow.kind].pick(self._random)
         key = self._usable_key(workflow, source, active, created_ts)
         if active and key is not None:
             recent.append((source, key))
-        return self._build_sources(workflow, source, key)
+        return self._build_sources(workflow, source, key, created_ts)
 
     def _usable_key(
         self, workflow: _Workflow, source: str, active: bool, created_ts: float
@@ -487,20 +490,22 @@ class _RunFactory:
             return self._event_id(workflow, created_ts)
         return None
 
-    def _build_sources(self, workflow: _Workflow, source: str, key: object) -> _Sources:
+    def _build_sources(
+        self, workflow: _Workflow, source: str, key: object, created_ts: float
+    ) -> _Sources:
         """Place ``key`` in its source and fill the other sources around it.
 
         Sources before the key's source are unusable. Sources after it are sometimes
-        usable, which checks that the backfill applies the precedence order.
+        usable, so that tests can check that the backfill applies the precedence.
         """
         if source == "partition":
             assert isinstance(key, str)
             trigger = self._trigger_any(workflow)
-            return key, trigger, self._event_id_any(workflow)
+            return key, trigger, self._event_id_any(workflow, created_ts)
         partition_key = self._unusable_partition_key()
         if source == "dedupe":
             trigger = self._trigger_with_key(workflow, key)
-            return partition_key, trigger, self._event_id_any(workflow)
+            return partition_key, trigger, self._event_id_any(workflow, created_ts)
         trigger = self._trigger_without_key(workflow)
         if source == "event":
             assert isinstance(key, str)
@@ -689,9 +694,9 @@ class _RunFactory:
         pairs = _CROCKFORD_PAIRS
         return "".join([pairs[(value >> shift) & 0x3FF] for shift in _ULID_PAIR_SHIFTS])
 
-    def _event_id_any(self, workflow: _Workflow) -> str | None:
+    def _event_id_any(self, workflow: _Workflow, created_ts: float) -> str | None:
         if self._random() < 0.3:
-            return self._event_id(workflow, _END_TS - self._random() * _SPAN_S)
+            return self._event_id(workflow, created_ts)
         return self._unusable_event_id()
 
     def _unusable_event_id(self) -> str | None:
