@@ -122,9 +122,11 @@ def add_key_columns(
     """Add the two key columns and the ledger table under lock_timeout."""
 
     def add() -> None:
+        # IF NOT EXISTS lets 041 run again after an interrupted index build,
+        # which happens after these steps have committed.
         for column in key_columns():
-            op.add_column("workflow_runs", column)
-        op.create_table(LEDGER_TABLE_NAME, *ledger_columns())
+            op.add_column("workflow_runs", column, if_not_exists=True)
+        op.create_table(LEDGER_TABLE_NAME, *ledger_columns(), if_not_exists=True)
 
     if context.as_sql:
         op.execute(f"SET LOCAL lock_timeout = '{settings.lock_timeout_ms}ms'")
@@ -218,9 +220,9 @@ def drop_key_schema(
         )
 
     def drop() -> None:
-        op.drop_table(LEDGER_TABLE_NAME)
-        op.drop_column("workflow_runs", "run_key_normalized")
-        op.drop_column("workflow_runs", "run_key")
+        op.drop_table(LEDGER_TABLE_NAME, if_exists=True)
+        op.drop_column("workflow_runs", "run_key_normalized", if_exists=True)
+        op.drop_column("workflow_runs", "run_key", if_exists=True)
 
     if context.as_sql:
         op.execute(f"SET LOCAL lock_timeout = '{settings.lock_timeout_ms}ms'")

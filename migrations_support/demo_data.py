@@ -2,10 +2,11 @@
 
 The rows imitate what Temporal, Dagster, Airflow and Prefect workers and Stripe or
 GitHub webhook consumers store, so that the run-key backfill can be tested on messy
-data. A run's key comes from the first usable source: ``partition_key``, then
-``trigger->>'dedupe_key'`` (a JSON string or number), then ``event_id``, then ``id``.
-A source is unusable when it is SQL NULL, empty or whitespace-only, or when
-``dedupe_key`` is missing or has another JSON type (null, boolean, object, array).
+data. As ``migrations_support.derivation`` defines it, a run's key comes from the
+first usable source: ``partition_key``, then ``trigger->'dedupe_key'`` (a JSON
+string or number), then ``event_id``, then ``id``. A source is unusable when it is
+SQL NULL, when it is empty after control characters become spaces and whitespace is
+trimmed, or when ``dedupe_key`` is missing or has another JSON type.
 
 Approximate mix, as fractions of all runs (measured on 10,000 and 100,000 rows with
 the default seed):
@@ -20,8 +21,8 @@ the default seed):
   (``region=eu-west|date=2026-11-03``, ``EU West\\t2026-12-01``), free-form
   (``ＯＲＤＥＲ-7``), and padded, mixed-case or full-width forms. About 0.008 each
   contain control characters (never ``\\x00``) or have 121 to 300 characters, and
-  0.005 contain 4-byte characters such as emoji. About 0.03 are whitespace-only, so
-  the next source is used.
+  0.005 contain 4-byte characters such as emoji. About 0.03 are whitespace-only (a few
+  of them control characters only), so the next source is used.
 - trigger: SQL NULL 0.28, an object without ``dedupe_key`` 0.30, ``dedupe_key`` as a
   JSON string 0.24 or number 0.13 (including exponents and values beyond bigint),
   an unusable ``dedupe_key`` 0.03 (null, boolean, object, array, empty or
@@ -33,9 +34,8 @@ the default seed):
 - Collisions: 0.04 of active runs reuse the key of one of the last 16 active runs of
   the same workflow, often in a form that differs only by case, whitespace or
   full-width characters. Counting keys that repeat by chance, about 0.085 of active
-  runs share their normalized key with another active run of the same workflow at
-  10,000 rows, and 0.125 at 100,000. Normalized here means NFKC, case folding,
-  collapsing whitespace runs to one space and trimming.
+  runs share their ``run_key_normalized`` with another active run of the workflow at
+  10,000 rows, and 0.125 at 100,000.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import date, datetime, timedelta, timezone
 from typing import Any, Final, Generic, TypeVar
 
 import psycopg
@@ -64,7 +64,7 @@ ACTIVE_STATUSES: Final = ("pending", "queued", "running", "waiting")
 FINISHED_STATUSES: Final = ("succeeded", "failed", "cancelled", "timed_out")
 DEFAULT_SEED: Final = 20261204
 # A fixed end instead of now(), so that a seed gives the same rows on any day.
-CREATED_AT_END: Final = datetime(2026, 12, 4, tzinfo=UTC)
+CREATED_AT_END: Final = datetime(2026, 12, 4, tzinfo=timezone.utc)
 CREATED_AT_SPAN: Final = timedelta(days=90)
 COPY_COLUMNS: Final = (
     "id",
@@ -205,7 +205,7 @@ _PARTITION_DATES: Final = tuple(
     (_FIRST_PARTITION_DATE + timedelta(days=offset)).isoformat()
     for offset in range((CREATED_AT_END.date() - _FIRST_PARTITION_DATE).days)
 )
-_FIRST_PARTITION_TS: Final = datetime(2019, 1, 1, tzinfo=UTC).timestamp()
+_FIRST_PARTITION_TS: Final = datetime(2019, 1, 1, tzinfo=timezone.utc).timestamp()
 
 # Maps printable ASCII to the full-width forms U+FF01..U+FF5E and the space to the
 # ideographic space U+3000. NFKC normalization maps them back.
@@ -214,8 +214,10 @@ _CONTROL_CHARS: Final = tuple(chr(code) for code in range(0x01, 0x20)) + (
     "\x7f",
     "\x85",
 )
-# Only ASCII whitespace, U+00A0 and U+3000, which NFKC maps to a space.
-_WHITESPACE_ONLY: Final = (
+# Values that are empty after the key derivation's cleaning, which turns control
+# characters into spaces and trims Unicode White_Space. Most are ASCII whitespace,
+# U+00A0 or U+3000.
+_BLANK_VALUES: Final = (
     " ",
     "  ",
     "\t",
@@ -224,6 +226,10 @@ _WHITESPACE_ONLY: Final = (
     "\u00a0",
     "\u3000",
     " \u3000 ",
+    "\u00a0\u00a0",
+    "\u2002\u2028",
+    "\x85",
+    "\t\x01\n",
 )
 _CROCKFORD_BASE32: Final = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 # Every pair of Crockford digits, indexed by the 10 bits that the pair encodes.
@@ -272,13 +278,19 @@ def _nbsp_inner_spaces(key: str) -> str:
     return key.replace(" ", "\u00a0") + " "
 
 
+def _pad_other_unicode_spaces(key: str) -> str:
+    # U+2002 EN SPACE and U+2028 LINE SEPARATOR, as pasted from documents.
+    return f"\u2002{key}\u2028"
+
+
 def _fullwidth(key: str) -> str:
     return key.translate(_FULLWIDTH)
 
 
 # Variants that differ from the key only by case, whitespace or full-width forms.
-# They all equal the key after NFKC, case folding, collapsing whitespace runs to one
-# space and trimming.
+# They all give the key's run_key_normalized: whitespace runs collapsed and trimmed,
+# then NFKC and lowercase. The case variants hold only for keys without characters
+# such as "ß", whose upper case "SS" lowercases to "ss".
 _EQUIVALENT_VARIANTS: Final[tuple[Callable[[str], str], ...]] = (
     _upper,
     _lower,
@@ -287,6 +299,7 @@ _EQUIVALENT_VARIANTS: Final[tuple[Callable[[str], str], ...]] = (
     _pad_tab_newline,
     _pad_nbsp,
     _pad_ideographic_space,
+    _pad_other_unicode_spaces,
     _double_inner_spaces,
     _nbsp_inner_spaces,
     _fullwidth,
@@ -445,8 +458,8 @@ class _RunFactory:
             partition_key,
             trigger,
             event_id,
-            datetime.fromtimestamp(created_ts, UTC),
-            datetime.fromtimestamp(updated_ts, UTC),
+            datetime.fromtimestamp(created_ts, timezone.utc),
+            datetime.fromtimestamp(updated_ts, timezone.utc),
         )
 
     def _timestamps(self, status: str, active: bool) -> tuple[float, float]:
@@ -572,8 +585,11 @@ class _RunFactory:
             return f"customer-{number:05d}"
         if layout < 0.5:
             return f"ＯＲＤＥＲ-{number % 100}"
-        if layout < 0.7:
+        if layout < 0.6:
             return f"Order {number}"
+        if layout < 0.7:
+            # U+200B ZERO WIDTH SPACE is not White_Space, so the key keeps it.
+            return f"Order {number}\u200b"
         return f"{workflow.name.split('.')[-1]}:batch-{number}"
 
     def _with_control_char(self, key: str) -> str:
@@ -607,7 +623,7 @@ class _RunFactory:
 
     def _unusable_partition_key(self) -> str | None:
         if self._random() < 0.04:
-            return self._pick(_WHITESPACE_ONLY)
+            return self._pick(_BLANK_VALUES)
         return None
 
     def _dedupe_key(self) -> str | int | float:
@@ -705,4 +721,4 @@ class _RunFactory:
             return None
         if choice < 0.98:
             return ""
-        return self._pick(_WHITESPACE_ONLY)
+        return self._pick(_BLANK_VALUES)

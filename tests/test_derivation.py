@@ -49,7 +49,11 @@ def test_partition_example_from_spec(engine: sa.Engine) -> None:
 
 
 def test_dedupe_number_example(engine: sa.Engine) -> None:
-    assert derive(engine, trigger='{"dedupe_key": 12345}') == ("dedupe", "12345", "12345")
+    assert derive(engine, trigger='{"dedupe_key": 12345}') == (
+        "dedupe",
+        "12345",
+        "12345",
+    )
 
 
 def test_uuid_fallback_example(engine: sa.Engine) -> None:
@@ -57,7 +61,11 @@ def test_uuid_fallback_example(engine: sa.Engine) -> None:
 
 
 def test_full_width_example(engine: sa.Engine) -> None:
-    assert derive(engine, partition_key="ＯＲＤＥＲ-7") == ("partition", "ＯＲＤＥＲ-7", "order-7")
+    assert derive(engine, partition_key="ＯＲＤＥＲ-7") == (
+        "partition",
+        "ＯＲＤＥＲ-7",
+        "order-7",
+    )
 
 
 @pytest.mark.parametrize(
@@ -72,7 +80,12 @@ def test_full_width_example(engine: sa.Engine) -> None:
         ("", None, "e-1", ("event", "e-1", "e-1")),
         ("\t\n\x01", None, "e-1", ("event", "e-1", "e-1")),
         (None, '{"dedupe_key": "  "}', "e-1", ("event", "e-1", "e-1")),
-        (None, None, " \u00a0\u3000 ", ("uuid", "run-3f9a2c1b77d0", "run-3f9a2c1b77d0")),
+        (
+            None,
+            None,
+            " \u00a0\u3000 ",
+            ("uuid", "run-3f9a2c1b77d0", "run-3f9a2c1b77d0"),
+        ),
         # JSON types of dedupe_key: strings and numbers only.
         (None, '{"dedupe_key": -7}', None, ("dedupe", "-7", "-7")),
         (None, '{"dedupe_key": 1.5e3}', None, ("dedupe", "1500", "1500")),
@@ -87,15 +100,35 @@ def test_full_width_example(engine: sa.Engine) -> None:
         (None, '{"dedupe_key": "Order\\u0000"}', "e-1", None),
         # Control characters become spaces, whitespace collapses and trims.
         ("a\x01b\x7fc\x9fd", None, None, ("partition", "a b c d", "a-b-c-d")),
-        ("\x85 lead\u2028and\u2029trail \u205f", None, None,
-         ("partition", "lead and trail", "lead-and-trail")),
-        ("tab\tvt\x0bff\x0ccr\rlf\n", None, None,
-         ("partition", "tab vt ff cr lf", "tab-vt-ff-cr-lf")),
-        ("nbsp\u00a0ogham\u1680en\u2002hair\u200anarrow\u202fideo\u3000end", None, None,
-         ("partition", "nbsp ogham en hair narrow ideo end",
-          "nbsp-ogham-en-hair-narrow-ideo-end")),
+        (
+            "\x85 lead\u2028and\u2029trail \u205f",
+            None,
+            None,
+            ("partition", "lead and trail", "lead-and-trail"),
+        ),
+        (
+            "tab\tvt\x0bff\x0ccr\rlf\n",
+            None,
+            None,
+            ("partition", "tab vt ff cr lf", "tab-vt-ff-cr-lf"),
+        ),
+        (
+            "nbsp\u00a0ogham\u1680en\u2002hair\u200anarrow\u202fideo\u3000end",
+            None,
+            None,
+            (
+                "partition",
+                "nbsp ogham en hair narrow ideo end",
+                "nbsp-ogham-en-hair-narrow-ideo-end",
+            ),
+        ),
         # Zero-width space is not White_Space: it stays.
-        ("zero\u200bwidth", None, None, ("partition", "zero\u200bwidth", "zero\u200bwidth")),
+        (
+            "zero\u200bwidth",
+            None,
+            None,
+            ("partition", "zero\u200bwidth", "zero\u200bwidth"),
+        ),
         # Case folds only in the normalized key.
         ("Straße ÀÉÎ", None, None, ("partition", "Straße ÀÉÎ", "straße-àéî")),
         # NFKC: ligatures, full-width and compatibility forms.
@@ -195,7 +228,9 @@ def test_event_id_shapes(engine: sa.Engine) -> None:
         ("ABCDEF01-2345-6789-ABCD-EF0123456789", "run-abcdef012345"),
     ],
 )
-def test_uuid_fallback_at_range_ends(engine: sa.Engine, run_id: str, expected: str) -> None:
+def test_uuid_fallback_at_range_ends(
+    engine: sa.Engine, run_id: str, expected: str
+) -> None:
     assert derive(engine, run_id=uuid.UUID(run_id)) == ("uuid", expected, expected)
 
 
