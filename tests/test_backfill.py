@@ -361,7 +361,8 @@ def test_invalid_knob_stops_before_any_write(
         command.upgrade(alembic_cfg, "head")
 
     assert str(error.value) == (
-        "invalid RUN_KEY_BACKFILL_BATCH_SIZE '0': expected a whole number from 1 to 10000"
+        "invalid RUN_KEY_BACKFILL_BATCH_SIZE '0': "
+        "expected a whole number from 1 to 10000"
     )
     with engine.connect() as connection:
         assert not sa.inspect(connection).has_table("workflow_runs")
@@ -494,7 +495,8 @@ def test_index_is_partial_unique_and_valid(
     with engine.connect() as connection:
         row = connection.execute(
             sa.text(
-                "SELECT i.indisunique, i.indisvalid, pg_get_indexdef(i.indexrelid) AS ddl "
+                "SELECT i.indisunique, i.indisvalid, "
+                "pg_get_indexdef(i.indexrelid) AS ddl "
                 "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
                 "WHERE c.relname = 'workflow_runs_active_run_key_uniq'"
             )
