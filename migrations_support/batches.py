@@ -273,15 +273,14 @@ def key_batch_statement(inputs: BatchInputs, policy: ConflictPolicy) -> sa.Selec
         .values(
             run_key=to_write.c.final_key, run_key_normalized=to_write.c.final_normalized
         )
-        .returning(w.c.id)
+        # RETURNING may name the FROM list's columns, so the ledger rows
+        # come straight from the rows the UPDATE changed, without a join.
+        .returning(w.c.id, w.c.run_key, w.c.run_key_normalized, to_write.c.source)
         .cte("updated")
     )
     written = sa.select(
-        to_write.c.id,
-        to_write.c.final_key,
-        to_write.c.final_normalized,
-        to_write.c.source,
-    ).join_from(to_write, updated, updated.c.id == to_write.c.id)
+        updated.c.id, updated.c.run_key, updated.c.run_key_normalized, updated.c.source
+    )
     insert = postgresql.insert(ledger).from_select(
         ["run_id", "run_key", "run_key_normalized", "source"], written
     )

@@ -8,6 +8,7 @@ retry after a pause instead of queueing every writer behind it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from migrations_support import offline
 from migrations_support.errors import BackfillError
 from migrations_support.schema import (
     ACTIVE_STATUSES,
+    CANDIDATE_INDEX_NAME,
     KEY_INDEX_NAME,
     LEDGER_TABLE_NAME,
     key_columns,
@@ -151,19 +153,19 @@ def add_key_columns(
     _with_lock_retries("adding the run key columns", settings, add_in_savepoint)
 
 
-def _index_is_invalid(bind: sa.Connection) -> bool:
+def _index_is_invalid(bind: sa.Connection, name: str) -> bool:
     query = sa.text(
         "SELECT NOT i.indisvalid FROM pg_index i "
         "JOIN pg_class c ON c.oid = i.indexrelid "
         "WHERE c.relname = :name AND c.relnamespace = current_schema()::regnamespace"
     )
-    return bool(bind.execute(query, {"name": KEY_INDEX_NAME}).scalar())
+    return bool(bind.execute(query, {"name": name}).scalar())
 
 
 def create_key_index(
     op: Operations, context: MigrationContext, settings: BackfillSettings
 ) -> None:
-    """Build the partial unique index CONCURRENTLY, replacing an INVALID one.
+    """Build the key and candidate indexes CONCURRENTLY, replacing INVALID ones.
 
     An interrupted concurrent build leaves an INVALID index that PostgreSQL
     keeps updating but never uses; it is dropped and built again.
@@ -171,31 +173,32 @@ def create_key_index(
     with context.autocommit_block():
         if context.as_sql:
             op.execute(f"SET lock_timeout = '{settings.lock_timeout_ms}ms'")
-            op.execute(offline.drop_invalid_index_sql())
-            _create_index(op)
+            for name, create in _INDEXES:
+                op.execute(offline.drop_invalid_index_sql(name))
+                create(op)
             op.execute("RESET lock_timeout")
             return
         bind = context.bind
         assert bind is not None
-
-        def build() -> None:
-            if _index_is_invalid(bind):
-                log.warning(
-                    "dropping INVALID index %s left by an interrupted build",
-                    KEY_INDEX_NAME,
-                )
-                op.drop_index(
-                    KEY_INDEX_NAME,
-                    table_name="workflow_runs",
-                    postgresql_concurrently=True,
-                )
-            _create_index(op)
-
         with _lock_timeout(bind, settings.lock_timeout_ms):
-            _with_lock_retries(f"building index {KEY_INDEX_NAME}", settings, build)
+            for name, create in _INDEXES:
+                rebuild = functools.partial(_rebuild_index, op, bind, name, create)
+                _with_lock_retries(f"building index {name}", settings, rebuild)
 
 
-def _create_index(op: Operations) -> None:
+def _rebuild_index(
+    op: Operations,
+    bind: sa.Connection,
+    name: str,
+    create: Callable[[Operations], None],
+) -> None:
+    if _index_is_invalid(bind, name):
+        log.warning("dropping INVALID index %s left by an interrupted build", name)
+        op.drop_index(name, table_name="workflow_runs", postgresql_concurrently=True)
+    create(op)
+
+
+def _create_key_index(op: Operations) -> None:
     op.create_index(
         KEY_INDEX_NAME,
         "workflow_runs",
@@ -207,17 +210,35 @@ def _create_index(op: Operations) -> None:
     )
 
 
+def _create_candidate_index(op: Operations) -> None:
+    op.create_index(
+        CANDIDATE_INDEX_NAME,
+        "workflow_runs",
+        ["id"],
+        postgresql_concurrently=True,
+        postgresql_where=sa.text("run_key IS NULL"),
+        if_not_exists=True,
+    )
+
+
+_INDEXES: list[tuple[str, Callable[[Operations], None]]] = [
+    (KEY_INDEX_NAME, _create_key_index),
+    (CANDIDATE_INDEX_NAME, _create_candidate_index),
+]
+
+
 def drop_key_schema(
     op: Operations, context: MigrationContext, settings: BackfillSettings
 ) -> None:
-    """Drop the index CONCURRENTLY, then the ledger and the key columns."""
+    """Drop the indexes CONCURRENTLY, then the ledger and the key columns."""
     with context.autocommit_block():
-        op.drop_index(
-            KEY_INDEX_NAME,
-            table_name="workflow_runs",
-            postgresql_concurrently=True,
-            if_exists=True,
-        )
+        for name, _ in _INDEXES:
+            op.drop_index(
+                name,
+                table_name="workflow_runs",
+                postgresql_concurrently=True,
+                if_exists=True,
+            )
 
     def drop() -> None:
         op.drop_table(LEDGER_TABLE_NAME, if_exists=True)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from alembic.runtime.migration import MigrationContext
 
 from migrations_support.errors import BackfillError
-from migrations_support.schema import KEY_INDEX_NAME
 from migrations_support.settings import BackfillSettings
 
 
@@ -24,7 +23,7 @@ def refuse_if_runs_exist() -> str:
     )
 
 
-def drop_invalid_index_sql() -> str:
+def drop_invalid_index_sql(name: str) -> str:
     """Return psql input that drops the key index when it is INVALID.
 
     DROP INDEX CONCURRENTLY cannot run inside a DO block, so psql's
@@ -34,7 +33,7 @@ def drop_invalid_index_sql() -> str:
         "SELECT format('DROP INDEX CONCURRENTLY %I.%I', n.nspname, c.relname)\n"
         "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid\n"
         "JOIN pg_namespace n ON n.oid = c.relnamespace\n"
-        f"WHERE c.relname = '{KEY_INDEX_NAME}' AND n.nspname = current_schema()\n"
+        f"WHERE c.relname = '{name}' AND n.nspname = current_schema()\n"
         "AND NOT i.indisvalid \\gexec"
     )
 

@@ -8,6 +8,10 @@ from sqlalchemy.dialects import postgresql
 ACTIVE_STATUSES = ("pending", "queued", "running", "waiting")
 FINISHED_STATUSES = ("succeeded", "failed", "cancelled", "timed_out")
 KEY_INDEX_NAME = "workflow_runs_active_run_key_uniq"
+# A partial index of the runs still without a key. The walker reads its
+# batches from it, so each batch is an index range scan however many runs
+# are keyed already, and it shrinks to nothing as the backfill finishes.
+CANDIDATE_INDEX_NAME = "workflow_runs_run_key_null_idx"
 LEDGER_TABLE_NAME = "workflow_run_key_backfill_ledger"
 
 metadata = sa.MetaData()

@@ -1,13 +1,12 @@
 """Tests for the demo ``workflow_runs`` generator and its COPY loader.
 
-The load tests need a PostgreSQL server. They connect to ``TEST_DATABASE_URL``, or
-to the local server as user postgres, and create and drop their own database.
+The load tests run on a fresh database at revision 040, created by the shared
+fixtures on the embedded server or the one in ``TEST_DATABASE_URL``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import tracemalloc
 import unicodedata
@@ -20,8 +19,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from alembic import command
+from alembic.config import Config
+from sqlalchemy.engine import URL
 
 from migrations_support.demo_data import (
     ACTIVE_STATUSES,
@@ -36,22 +36,6 @@ from migrations_support.demo_data import (
 
 SAMPLE_SIZE = 10_000
 LOAD_SIZE = 5_000
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-WORKFLOW_RUNS_DDL = """
-CREATE TABLE workflow_runs (
-  id uuid PRIMARY KEY,
-  workflow_id text NOT NULL,
-  status text NOT NULL,
-  partition_key text NULL,
-  trigger jsonb NULL,
-  event_id text NULL,
-  created_at timestamptz NOT NULL DEFAULT now(),
-  updated_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE INDEX workflow_runs_workflow_id_created_at_idx
-  ON workflow_runs (workflow_id, created_at);
-"""
-
 CROCKFORD_BASE32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 ULID_PATTERN = re.compile(r"[0-7][0-9A-HJKMNP-TV-Z]{25}")
 UUID_PATTERN = re.compile(
@@ -75,32 +59,16 @@ def sample() -> list[RunRow]:
 
 
 @pytest.fixture
-def scratch_conn() -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
-    """Yield a connection to a new UTF-8 database with an empty workflow_runs table.
-
-    The database is dropped afterwards, even if the test fails.
-    """
-    server_url = os.environ.get("TEST_DATABASE_URL", DEFAULT_DATABASE_URL)
-    name = f"datagen_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_url, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL(
-                "CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'"
-                " LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'"
-            ).format(sql.Identifier(name))
-        )
-    try:
-        with psycopg.connect(make_conninfo(server_url, dbname=name)) as conn:
-            conn.execute(WORKFLOW_RUNS_DDL)
-            conn.commit()
-            yield conn
-    finally:
-        with psycopg.connect(server_url, autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
-                    sql.Identifier(name)
-                )
-            )
+def scratch_conn(
+    alembic_cfg: Config, database_url: URL
+) -> Iterator[psycopg.Connection[tuple[Any, ...]]]:
+    """Yield a connection to a new UTF-8 database with an empty workflow_runs table."""
+    command.upgrade(alembic_cfg, "040_workflow_runs")
+    conninfo = database_url.set(drivername="postgresql").render_as_string(
+        hide_password=False
+    )
+    with psycopg.connect(conninfo) as conn:
+        yield conn
 
 
 def _clean(text: str) -> str:
