@@ -19,6 +19,9 @@ from migrations_support.settings import ConflictPolicy
 
 OUTCOME_UPDATED = "updated"
 OUTCOME_SKIPPED = "skipped"
+# A candidate of the batch's snapshot that another writer keyed or deleted
+# before the batch could lock it. It counts as skipped.
+OUTCOME_TAKEN = "taken"
 SHORT_SUFFIX_HEX_DIGITS = 8
 
 
@@ -73,6 +76,17 @@ def bound_pending() -> PendingKeys:
     )
 
 
+_CANDIDATE_COLUMNS = (
+    "id",
+    "workflow_id",
+    "status",
+    "partition_key",
+    "trigger",
+    "event_id",
+    "created_at",
+)
+
+
 def select_candidates(inputs: BatchInputs, *, lock: bool) -> sa.Select:
     """Return the next batch of candidates in id order.
 
@@ -83,15 +97,7 @@ def select_candidates(inputs: BatchInputs, *, lock: bool) -> sa.Select:
     """
     w = workflow_runs
     query = (
-        sa.select(
-            w.c.id,
-            w.c.workflow_id,
-            w.c.status,
-            w.c.partition_key,
-            w.c.trigger,
-            w.c.event_id,
-            w.c.created_at,
-        )
+        sa.select(*(w.c[name] for name in _CANDIDATE_COLUMNS))
         .where(
             w.c.run_key.is_(None),
             w.c.id >= inputs.lower_id,
@@ -101,6 +107,22 @@ def select_candidates(inputs: BatchInputs, *, lock: bool) -> sa.Select:
         .limit(inputs.limit)
     )
     return query.with_for_update() if lock else query
+
+
+def _lock_candidates(snapshot: sa.CTE) -> sa.Select:
+    """Return the snapshot's runs that still lack a key, locked FOR UPDATE.
+
+    A run another transaction holds is waited for up to lock_timeout.
+    PostgreSQL then rechecks ``run_key IS NULL`` on the newest row version,
+    so a run another writer keyed or deleted meanwhile drops out; the batch
+    reports it as taken.
+    """
+    w = workflow_runs
+    return (
+        sa.select(*(w.c[name] for name in _CANDIDATE_COLUMNS))
+        .where(w.c.id.in_(sa.select(snapshot.c.id)), w.c.run_key.is_(None))
+        .with_for_update(of=w)
+    )
 
 
 def _table_holder(
@@ -238,6 +260,16 @@ def resolve_keys(
     ).subquery("resolved")
 
 
+_NULL_WHEN_TAKEN = (
+    "source",
+    "run_key",
+    "run_key_normalized",
+    "holder_id",
+    "final_key",
+    "final_normalized",
+)
+
+
 def _result_columns(resolved: sa.FromClause) -> list[sa.ColumnElement[object]]:
     return [
         resolved.c.id,
@@ -259,7 +291,12 @@ def key_batch_statement(inputs: BatchInputs, policy: ConflictPolicy) -> sa.Selec
     One statement, so the keys and their ledger rows commit together. It
     returns one row per candidate read, in id order.
     """
-    batch = select_candidates(inputs, lock=True).cte("batch")
+    snapshot = (
+        select_candidates(inputs, lock=False)
+        .with_only_columns(workflow_runs.c.id)
+        .cte("snapshot")
+    )
+    batch = _lock_candidates(snapshot).cte("batch")
     # A CTE referenced twice is computed once.
     resolved = sa.select(resolve_keys(batch, policy)).cte("resolved")
     to_write = (
@@ -297,9 +334,17 @@ def key_batch_statement(inputs: BatchInputs, policy: ConflictPolicy) -> sa.Selec
 
     written_ids = sa.select(ledger_rows.c.run_id)
     wrote = resolved.c.id.in_(written_ids)
-    return sa.select(*_result_columns(resolved), wrote.label("written")).order_by(
-        resolved.c.id
-    )
+    read = sa.select(*_result_columns(resolved), wrote.label("written"))
+    taken = sa.select(
+        snapshot.c.id,
+        sa.null().label("workflow_id"),
+        sa.false().label("active"),
+        *(sa.null().label(name) for name in _NULL_WHEN_TAKEN),
+        sa.literal(OUTCOME_TAKEN, sa.Text).label("outcome"),
+        sa.false().label("written"),
+    ).where(snapshot.c.id.not_in(sa.select(batch.c.id)))
+    rows = sa.union_all(read, taken).subquery("batch_rows")
+    return sa.select(rows).order_by(rows.c.id)
 
 
 def derive_batch_statement(inputs: BatchInputs) -> sa.Select:

@@ -278,6 +278,14 @@ class BatchWalker:
         self.batch_number += 1
         batch = BackfillCounters(processed=len(rows))
         for row in rows:
+            if row.outcome == batches.OUTCOME_TAKEN:
+                batch.skipped += 1
+                log.warning(
+                    "run %s was keyed or deleted by another writer during its "
+                    "batch; skipped",
+                    row.id,
+                )
+                continue
             if row.holder_id is not None:
                 batch.conflicts += 1
                 self._warn_conflict(row)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 import uuid
 
 import pytest
@@ -565,3 +567,72 @@ def test_unique_index_rejects_duplicate_active_keys(
                 "'running', 'same', 'same')"
             )
         )
+
+
+def wait_for_lock_wait(engine: sa.Engine, timeout_s: float = 20) -> None:
+    """Return once some session waits for a row lock, or fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    with engine.connect() as connection:
+        while time.monotonic() < deadline:
+            waiting = connection.execute(
+                sa.text(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+                )
+            ).scalar_one()
+            connection.rollback()
+            if waiting:
+                return
+            time.sleep(0.05)
+    raise AssertionError("no session started waiting for a lock")
+
+
+def test_run_keyed_meanwhile_counts_as_skipped(
+    alembic_cfg: Config,
+    engine: sa.Engine,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    runs = [make_run(A, partition_key="a"), make_run(B, partition_key="b"), make_run(C)]
+    upgrade_to_041(alembic_cfg, engine, runs)
+    monkeypatch.setenv("RUN_KEY_BACKFILL_LOCK_TIMEOUT", "20s")
+    caplog.set_level(logging.WARNING, logger="migrations_support")
+    writer = engine.connect()
+    writer.execute(
+        sa.text("SELECT 1 FROM workflow_runs WHERE id = :id FOR UPDATE"), {"id": B}
+    )
+
+    capsys.readouterr()
+    upgrade = threading.Thread(target=command.upgrade, args=(alembic_cfg, "head"))
+    upgrade.start()
+    wait_for_lock_wait(engine)
+    writer.execute(
+        sa.text(
+            "UPDATE workflow_runs SET run_key = 'App', run_key_normalized = 'app' "
+            "WHERE id = :id"
+        ),
+        {"id": B},
+    )
+    writer.commit()
+    writer.close()
+    upgrade.join(60)
+    out = capsys.readouterr().out
+
+    assert fetch_keys(engine) == {
+        A: ("a", "a"),
+        B: ("App", "app"),
+        C: ("run-300000000000", "run-300000000000"),
+    }
+    assert counter_values(out) == {
+        "processed": 3,
+        "updated": 2,
+        "skipped": 1,
+        "conflicts": 0,
+        "failures": 0,
+    }
+    assert set(fetch_ledger(engine)) == {A, C}
+    assert (
+        f"run {B} was keyed or deleted by another writer during its batch; skipped"
+        in [record.getMessage() for record in caplog.records]
+    )
