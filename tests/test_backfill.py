@@ -636,3 +636,81 @@ def test_run_keyed_meanwhile_counts_as_skipped(
         f"run {B} was keyed or deleted by another writer during its batch; skipped"
         in [record.getMessage() for record in caplog.records]
     )
+
+
+def test_dry_run_remembers_keys_across_batches(
+    alembic_cfg: Config,
+    engine: sa.Engine,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runs = [
+        make_run(A, partition_key="k", minute=9),
+        make_run(B, partition_key="K", minute=1),
+        make_run(C, partition_key="k ", minute=0, status="waiting"),
+        make_run(D, partition_key="k", status="succeeded"),
+    ]
+    upgrade_to_041(alembic_cfg, engine, runs)
+    monkeypatch.setenv("RUN_KEY_BACKFILL_BATCH_SIZE", "1")
+    monkeypatch.setenv("RUN_KEY_BACKFILL_DRY_RUN", "1")
+
+    capsys.readouterr()
+    with pytest.raises(BackfillError):
+        command.upgrade(alembic_cfg, "head")
+    dry_out = capsys.readouterr().out
+
+    assert [
+        line for line in dry_out.splitlines() if line.startswith("# candidate")
+    ] == [
+        f'# candidate run_id={A} workflow_id="billing.nightly" source=partition '
+        'run_key="k" outcome=updated',
+        f'# candidate run_id={B} workflow_id="billing.nightly" source=partition '
+        f'run_key="K-20000000" outcome=updated conflicts_with={A}',
+        f'# candidate run_id={C} workflow_id="billing.nightly" source=partition '
+        f'run_key="k-30000000" outcome=updated conflicts_with={A}',
+        f'# candidate run_id={D} workflow_id="billing.nightly" source=partition '
+        'run_key="k" outcome=updated',
+    ]
+    monkeypatch.setenv("RUN_KEY_BACKFILL_DRY_RUN", "0")
+    real_out = upgrade_head(alembic_cfg, capsys)
+    assert counter_values(dry_out, dry_run=True) == counter_values(real_out)
+    assert counter_values(real_out)["conflicts"] == 2
+    assert fetch_keys(engine)[C] == ("k-30000000", "k-30000000")
+
+
+def test_dry_run_with_cap_counts_like_real_run(
+    alembic_cfg: Config,
+    engine: sa.Engine,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    runs = [make_run(run_id, partition_key="same") for run_id in (A, B, C, D)]
+    upgrade_to_041(alembic_cfg, engine, runs)
+    monkeypatch.setenv("RUN_KEY_BACKFILL_MAX_UPDATES", "3")
+    monkeypatch.setenv("RUN_KEY_BACKFILL_ON_CONFLICT", "skip")
+    monkeypatch.setenv("RUN_KEY_BACKFILL_BATCH_SIZE", "2")
+    monkeypatch.setenv("RUN_KEY_BACKFILL_DRY_RUN", "yes")
+
+    capsys.readouterr()
+    with pytest.raises(BackfillError) as dry_error:
+        command.upgrade(alembic_cfg, "head")
+    dry_out = capsys.readouterr().out
+    monkeypatch.setenv("RUN_KEY_BACKFILL_DRY_RUN", "no")
+    command.upgrade(alembic_cfg, "head")
+    real_out = capsys.readouterr().out
+
+    # With skip, only A gets a key; the cap is never reached, so the walk
+    # reads all four, and the real run stamps 042 with three runs skipped.
+    assert str(dry_error.value) == (
+        "dry run: 1 keys would be written and 3 runs skipped; nothing was written, "
+        "so 042_backfill_workflow_run_keys is not stamped"
+    )
+    assert counter_values(dry_out, dry_run=True) == counter_values(real_out)
+    assert counter_values(real_out) == {
+        "processed": 4,
+        "updated": 1,
+        "skipped": 3,
+        "conflicts": 3,
+        "failures": 0,
+    }
+    assert current_revision(engine) == "042_backfill_workflow_run_keys"
