@@ -114,7 +114,7 @@ def _lock_candidates(snapshot: sa.CTE) -> sa.Select:
 
     A run another transaction holds is waited for up to lock_timeout.
     PostgreSQL then rechecks ``run_key IS NULL`` on the newest row version,
-    so a run another writer keyed or deleted meanwhile drops out; the batch
+    so a run another writer keyed or deleted meanwhile drops out. The batch
     reports it as taken.
     """
     w = workflow_runs

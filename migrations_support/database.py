@@ -108,7 +108,7 @@ def advisory_lock(connection: sa.Connection) -> Iterator[None]:
     if not acquired:
         log.info("another runner holds the backfill lock; waiting for it to finish")
         # Waiting for an advisory lock counts against lock_timeout, which a
-        # role may set; this wait alone is meant to last until the other
+        # role may set. This one wait is meant to last until the other
         # runner is done.
         connection.execute(sa.select(sa.func.set_config("lock_timeout", "0", True)))
         connection.execute(sa.select(sa.func.pg_advisory_lock(ADVISORY_LOCK_KEY)))

@@ -55,7 +55,7 @@ def create_runs_table(op: Operations) -> None:
 
 
 def drop_runs_table(op: Operations, context: MigrationContext) -> None:
-    """Drop ``workflow_runs``, but only while it holds no runs."""
+    """Drop ``workflow_runs``, but only while it contains no runs."""
     if context.as_sql:
         op.execute(offline.refuse_if_runs_exist())
     else:
@@ -65,7 +65,7 @@ def drop_runs_table(op: Operations, context: MigrationContext) -> None:
         ).scalar()
         if count:
             raise BackfillError(
-                f"workflow_runs holds {count} runs: downgrading below "
+                f"workflow_runs contains {count} runs: downgrading below "
                 "040_workflow_runs would drop them, so it is allowed only on an "
                 "empty table"
             )

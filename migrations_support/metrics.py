@@ -45,7 +45,7 @@ class _CountersCollector(Collector):
     """Yields the counters without ``_created`` samples.
 
     ``prometheus_client.Counter`` adds a ``_created`` sample unless created
-    metrics are disabled for the whole process; a collector that builds
+    metrics are disabled for the whole process. A collector that builds
     ``CounterMetricFamily`` without a ``created`` value keeps that choice
     local to this registry.
     """

@@ -13,11 +13,11 @@ from migrations_support.settings import BackfillSettings
 
 
 def refuse_if_runs_exist() -> str:
-    """Return a DO block that stops the script while workflow_runs holds runs."""
+    """Return a DO block that stops the script while workflow_runs contains runs."""
     return (
         "DO $$\nBEGIN\n"
         "  IF EXISTS (SELECT 1 FROM workflow_runs) THEN\n"
-        "    RAISE EXCEPTION 'workflow_runs holds runs: downgrading below "
+        "    RAISE EXCEPTION 'workflow_runs contains runs: downgrading below "
         "040_workflow_runs would drop them, so it is allowed only on an empty table';\n"
         "  END IF;\nEND\n$$"
     )

@@ -464,7 +464,7 @@ def test_downgrade_below_040_rejected_with_runs(
         command.downgrade(alembic_cfg, "base")
 
     assert str(error.value) == (
-        "workflow_runs holds 1 runs: downgrading below 040_workflow_runs would drop "
+        "workflow_runs contains 1 runs: downgrading below 040_workflow_runs would drop "
         "them, so it is allowed only on an empty table"
     )
     assert current_revision(engine) == "040_workflow_runs"
