@@ -121,10 +121,13 @@ def add_key_columns(
 ) -> None:
     """Add the two key columns and the ledger table under lock_timeout."""
 
+    # IF NOT EXISTS: these steps commit before the index build, so an upgrade
+    # rerun after an interrupted build finds them done and goes on to repair
+    # the index.
     def add() -> None:
         for column in key_columns():
-            op.add_column("workflow_runs", column)
-        op.create_table(LEDGER_TABLE_NAME, *ledger_columns())
+            op.add_column("workflow_runs", column, if_not_exists=True)
+        op.create_table(LEDGER_TABLE_NAME, *ledger_columns(), if_not_exists=True)
 
     if context.as_sql:
         op.execute(f"SET LOCAL lock_timeout = '{settings.lock_timeout_ms}ms'")
