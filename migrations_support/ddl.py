@@ -172,7 +172,7 @@ def create_key_index(
     with context.autocommit_block():
         if context.as_sql:
             op.execute(f"SET lock_timeout = '{settings.lock_timeout_ms}ms'")
-            op.execute(offline.drop_invalid_index_sql())
+            offline.emit_drop_invalid_index(context)
             _create_index(op)
             op.execute("RESET lock_timeout")
             return

@@ -29,6 +29,8 @@ def drop_invalid_index_sql() -> str:
 
     DROP INDEX CONCURRENTLY cannot run inside a DO block, so psql's
     ``\\gexec`` runs the statement the query returns, only when it returns one.
+    psql rejects ``\\gexec;``, so the text must be written without the
+    statement terminator that ``op.execute`` appends.
     """
     return (
         "SELECT format('DROP INDEX CONCURRENTLY %I.%I', n.nspname, c.relname)\n"
@@ -37,6 +39,11 @@ def drop_invalid_index_sql() -> str:
         f"WHERE c.relname = '{KEY_INDEX_NAME}' AND n.nspname = current_schema()\n"
         "AND NOT i.indisvalid \\gexec"
     )
+
+
+def emit_drop_invalid_index(context: MigrationContext) -> None:
+    """Write the INVALID-index repair to the script, as psql input."""
+    context.impl.static_output(drop_invalid_index_sql())
 
 
 def emit_backfill(context: MigrationContext, settings: BackfillSettings) -> None:
