@@ -213,12 +213,16 @@ def drop_key_schema(
 ) -> None:
     """Drop the index CONCURRENTLY, then the ledger and the key columns."""
     with context.autocommit_block():
+        if context.as_sql:
+            op.execute(f"SET lock_timeout = '{settings.lock_timeout_ms}ms'")
         op.drop_index(
             KEY_INDEX_NAME,
             table_name="workflow_runs",
             postgresql_concurrently=True,
             if_exists=True,
         )
+        if context.as_sql:
+            op.execute("RESET lock_timeout")
 
     def drop() -> None:
         op.drop_table(LEDGER_TABLE_NAME)
