@@ -273,7 +273,7 @@ def assert_same_state(online: sa.Engine, offline: sa.Engine) -> None:
     [
         ("040_workflow_runs", []),
         ("040_workflow_runs", ["on_conflict=skip"]),
-        ("041_workflow_run_keys", ["batch_size=7"]),
+        ("041_workflow_run_keys", ["batch_size=7", "sleep=1ms"]),
         ("041_workflow_run_keys", ["batch_size=7", "on_conflict=skip"]),
     ],
 )
@@ -412,6 +412,65 @@ def test_catch_up_passes_match_online(
     late = sa.text("SELECT count(*) FROM workflow_runs WHERE run_key IS NULL")
     with other_engine.connect() as connection:
         assert connection.execute(late).scalar_one() == 1
+    assert_same_state(engine, other_engine)
+
+
+# Makes every update of one run fail with the given SQLSTATE, as a row
+# another writer keeps changing or locking would.
+FAILING_RUN_TRIGGER = """
+CREATE FUNCTION fail_run_update() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE EXCEPTION USING ERRCODE = TG_ARGV[0], MESSAGE = 'run ' || NEW.id || ' is busy';
+END
+$$;
+CREATE TRIGGER failing_run BEFORE UPDATE ON workflow_runs
+FOR EACH ROW WHEN (NEW.id = '{run_id}')
+EXECUTE FUNCTION fail_run_update('{sqlstate}');
+"""
+
+
+@pytest.mark.parametrize(
+    "sqlstate",
+    [
+        "23505",  # unique_violation
+        "55P03",  # lock_not_available
+        "40001",  # serialization_failure
+        "22023",  # invalid_parameter_value
+    ],
+)
+def test_failing_run_counted_like_online(
+    alembic_cfg: Config,
+    database_url: URL,
+    engine: sa.Engine,
+    other_database_url: URL,
+    other_engine: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    sqlstate: str,
+) -> None:
+    start = "041_workflow_run_keys"
+    failing_id = sorted(run["id"] for run in base_runs())[20]
+    trigger = FAILING_RUN_TRIGGER.format(run_id=failing_id, sqlstate=sqlstate)
+    set_knobs(alembic_cfg, ["batch_size=8"])
+    for url, target in ((database_url, engine), (other_database_url, other_engine)):
+        prepare(alembic_cfg, monkeypatch, url, target, start)
+        with target.begin() as connection:
+            connection.exec_driver_sql(trigger)
+
+    use_database(monkeypatch, database_url)
+    capsys.readouterr()
+    command.upgrade(alembic_cfg, "head")
+    online_counters = counter_values(capsys.readouterr().out)
+    script = generate_sql(alembic_cfg, monkeypatch, capsys, f"{start}:head")
+    result = run_psql(other_database_url, script, tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    assert online_counters["failures"] == 1
+    assert script_counters(result.stderr) == online_counters
+    assert f"WARNING:  run {failing_id} could not be keyed" in result.stderr
+    assert "WARNING:  splitting the batch from run" in result.stderr
+    assert fetch_keys(other_engine)[failing_id] == (None, None)
     assert_same_state(engine, other_engine)
 
 
