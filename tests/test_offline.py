@@ -547,6 +547,32 @@ def test_downgrade_script_to_040_drops_schema(
         assert count.scalar_one() == len(base_runs())
 
 
+def test_scripts_from_base_round_trip(
+    alembic_cfg: Config,
+    database_url: URL,
+    engine: sa.Engine,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    upgrade = generate_sql(alembic_cfg, monkeypatch, capsys, "head")
+    downgrade = generate_sql(
+        alembic_cfg, monkeypatch, capsys, "head:base", downgrade=True
+    )
+
+    upgraded = run_psql(database_url, upgrade, tmp_path)
+    assert upgraded.returncode == 0, upgraded.stderr
+    assert current_revision(engine) == "042_backfill_workflow_run_keys"
+    assert index_is_valid(engine) is True
+    assert "NOTICE:  backfill finished: 0 batches" in upgraded.stderr
+
+    downgraded = run_psql(database_url, downgrade, tmp_path)
+    assert downgraded.returncode == 0, downgraded.stderr
+    tables = set(sa.inspect(engine).get_table_names())
+    assert "workflow_runs" not in tables
+    assert "workflow_run_key_backfill_ledger" not in tables
+
+
 # -- the 041 DDL -------------------------------------------------------------------
 
 
