@@ -79,8 +79,8 @@ def refuse_if_runs_exist() -> str:
     )
 
 
-def drop_invalid_index_sql() -> str:
-    """Return psql input that drops the key index when it is INVALID.
+def drop_invalid_index_sql(name: str = KEY_INDEX_NAME) -> str:
+    """Return psql input that drops index ``name`` when it is INVALID.
 
     DROP INDEX CONCURRENTLY cannot run inside a DO block, so psql's
     ``\\gexec`` runs the statement the query returns, only when it returns one.
@@ -91,14 +91,16 @@ def drop_invalid_index_sql() -> str:
         "SELECT format('DROP INDEX CONCURRENTLY %I.%I', n.nspname, c.relname)\n"
         "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid\n"
         "JOIN pg_namespace n ON n.oid = c.relnamespace\n"
-        f"WHERE c.relname = '{KEY_INDEX_NAME}' AND n.nspname = current_schema()\n"
+        f"WHERE c.relname = '{name}' AND n.nspname = current_schema()\n"
         "AND NOT i.indisvalid \\gexec"
     )
 
 
-def emit_drop_invalid_index(context: MigrationContext) -> None:
-    """Write the INVALID-index repair to the script, as psql input."""
-    context.impl.static_output(drop_invalid_index_sql())
+def emit_drop_invalid_index(
+    context: MigrationContext, name: str = KEY_INDEX_NAME
+) -> None:
+    """Write the repair of INVALID index ``name`` to the script, as psql input."""
+    context.impl.static_output(drop_invalid_index_sql(name))
 
 
 def compile_statement(context: MigrationContext, statement: sa.ClauseElement) -> str:
