@@ -9,7 +9,7 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy.exc import OperationalError
 
-from migrations_support import backfill, database
+from migrations_support import backfill, database, offline
 from migrations_support.errors import BackfillError
 from migrations_support.settings import load_settings
 
@@ -36,7 +36,8 @@ config.attributes[backfill.SETTINGS_ATTRIBUTE] = load_settings(
 
 def run_migrations_offline() -> None:
     """Write the SQL script to standard output instead of running it."""
-    if config.attributes[backfill.SETTINGS_ATTRIBUTE].dry_run:
+    settings = config.attributes[backfill.SETTINGS_ATTRIBUTE]
+    if settings.dry_run:
         raise BackfillError(
             "a dry run cannot be combined with --sql: the generated SQL is the "
             "review; unset RUN_KEY_BACKFILL_DRY_RUN or -x dry_run"
@@ -44,12 +45,16 @@ def run_migrations_offline() -> None:
     # No connection is made, so a DATABASE_URL that points nowhere is fine.
     raw_url = os.environ.get(database.URL_VARIABLE)
     url = database.parse_database_url(raw_url) if raw_url else None
+    # The named paramstyle keeps a literal "%" as it is. With psycopg's
+    # pyformat, string literals and text() would come out with "%%".
     context.configure(
         url=url,
         dialect_name=None if url else "postgresql",
+        dialect_opts={"paramstyle": "named"},
         literal_binds=True,
         transaction_per_migration=True,
     )
+    context.static_output(offline.script_header(settings))
     with context.begin_transaction():
         context.run_migrations()
 

@@ -174,7 +174,7 @@ def create_key_index(
         if context.as_sql:
             op.execute(f"SET lock_timeout = '{settings.lock_timeout_ms}ms'")
             for name, create in _INDEXES:
-                op.execute(offline.drop_invalid_index_sql(name))
+                offline.emit_drop_invalid_index(context, name)
                 create(op)
             op.execute("RESET lock_timeout")
             return
@@ -232,6 +232,8 @@ def drop_key_schema(
 ) -> None:
     """Drop the indexes CONCURRENTLY, then the ledger and the key columns."""
     with context.autocommit_block():
+        if context.as_sql:
+            op.execute(f"SET lock_timeout = '{settings.lock_timeout_ms}ms'")
         for name, _ in _INDEXES:
             op.drop_index(
                 name,
@@ -239,6 +241,8 @@ def drop_key_schema(
                 postgresql_concurrently=True,
                 if_exists=True,
             )
+        if context.as_sql:
+            op.execute("RESET lock_timeout")
 
     def drop() -> None:
         op.drop_table(LEDGER_TABLE_NAME, if_exists=True)

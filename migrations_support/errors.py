@@ -7,6 +7,7 @@ class BackfillError(CommandError):
     """An error an operator can act on, reported as one line.
 
     It subclasses Alembic's ``CommandError`` so that the ``alembic`` command
-    line prints it as a single ``FAILED:`` line and exits with status 1,
-    keeping the traceback behind ``alembic --raiseerr``.
+    line prints it as a single ``FAILED:`` line on standard output and exits
+    with status 255 (``sys.exit(-1)`` in Alembic 1.20), keeping the traceback
+    behind ``alembic --raiseerr``.
     """
