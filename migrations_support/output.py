@@ -1,4 +1,9 @@
-"""Text for standard output: one line per dry-run candidate."""
+"""Text for standard output: one line per dry-run candidate.
+
+Each line starts with ``# ``, a comment in the Prometheus text format, so
+standard output as a whole stays a valid exposition that a collector or
+``promtool`` can read, with the counters at the end.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ def quote(value: object) -> str:
 def candidate_line(row: sa.Row) -> str:
     """Return one line for a candidate: its ids, source and derived key."""
     parts = [
-        f"candidate run_id={row.id}",
+        f"# candidate run_id={row.id}",
         f"workflow_id={quote(row.workflow_id)}",
         f"source={row.source}",
         f"run_key={quote(row.final_key if row.final_key is not None else row.run_key)}",
