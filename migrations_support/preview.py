@@ -199,10 +199,12 @@ def write_preview(preview: ConflictPreview, out: TextIO) -> None:
     """Write the preview to ``out``: a summary line, then one line per group.
 
     ``conflicts`` counts the runs that cannot keep their derived key: every
-    run of a group but the one that holds it or gets it first.
+    run of a group but the one that holds it or gets it first. Each line is
+    a comment in the Prometheus text format, like the candidate lines, so
+    standard output stays one valid exposition.
     """
     out.write(
-        f"conflict preview: conflicts={preview.conflicting_runs} "
+        f"# conflict preview: conflicts={preview.conflicting_runs} "
         f"groups={preview.group_count}\n"
     )
     for group in preview.groups:
@@ -211,11 +213,11 @@ def write_preview(preview: ConflictPreview, out: TextIO) -> None:
         hidden = group.candidate_count - len(group.candidate_ids)
         more = f" candidates_not_shown={hidden}" if hidden else ""
         out.write(
-            f"conflict group workflow_id={quote(group.workflow_id)} "
+            f"# conflict group workflow_id={quote(group.workflow_id)} "
             f"run_key_normalized={quote(group.run_key_normalized)} "
             f"conflicts={group.conflicts} keyed_run={keyed} "
             f"candidates={shown}{more}\n"
         )
     hidden_groups = preview.group_count - len(preview.groups)
     if hidden_groups:
-        out.write(f"conflict preview: groups_not_shown={hidden_groups}\n")
+        out.write(f"# conflict preview: groups_not_shown={hidden_groups}\n")

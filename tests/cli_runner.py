@@ -61,18 +61,6 @@ def last_line(text: str) -> str:
     return lines[-1] if lines else ""
 
 
-def exposition(stdout: str) -> str:
-    """Return the Prometheus exposition at the end of the command's output.
-
-    A dry run prints the conflict preview and candidate lines before it.
-    """
-    lines = stdout.splitlines(keepends=True)
-    start = next(
-        index for index, line in enumerate(lines) if line.startswith("# HELP ")
-    )
-    return "".join(lines[start:])
-
-
 def log_messages(stderr: str) -> list[str]:
     """Return the log lines of ``stderr`` without their timestamps.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -15,7 +16,6 @@ from alembic.config import Config
 from cli_runner import (
     PROJECT_ROOT,
     cli_environment,
-    exposition,
     last_line,
     log_messages,
     run_cli,
@@ -29,6 +29,7 @@ from helpers import (
     make_run,
     upgrade_to_041,
 )
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import URL
 
 from migrations_support import cli, database
@@ -394,7 +395,7 @@ def test_dry_run_variable_and_no_dry_run_option(
     dry = run_cli([], database_url, environment)
     assert dry.returncode == cli.EXIT_DONE, dry.stderr
     assert keyed_count(keyed_schema) == 0
-    assert counter_values(exposition(dry.stdout), dry_run=True)["updated"] == 5
+    assert counter_values(dry.stdout, dry_run=True)["updated"] == 5
 
     real = run_cli(["--no-dry-run"], database_url, environment)
     assert real.returncode == cli.EXIT_DONE, real.stderr
@@ -492,19 +493,19 @@ def test_dry_run_previews_conflicts_and_writes_nothing(
     assert result.returncode == cli.EXIT_CONFLICTS, result.stderr
     lines = result.stdout.splitlines()
     assert lines[:2] == [
-        "conflict preview: conflicts=1 groups=1",
-        'conflict group workflow_id="billing.nightly" run_key_normalized="eu-west" '
+        "# conflict preview: conflicts=1 groups=1",
+        '# conflict group workflow_id="billing.nightly" run_key_normalized="eu-west" '
         f"conflicts=1 keyed_run=none candidates={first},{second}",
     ]
     assert lines[2:5] == [
-        f'candidate run_id={first} workflow_id="billing.nightly" source=partition '
+        f'# candidate run_id={first} workflow_id="billing.nightly" source=partition '
         'run_key="EU West" outcome=updated',
-        f'candidate run_id={second} workflow_id="billing.nightly" source=partition '
+        f'# candidate run_id={second} workflow_id="billing.nightly" source=partition '
         f'run_key="eu WEST-00000002" outcome=updated conflicts_with={first}',
-        f'candidate run_id={third} workflow_id="billing.nightly" source=partition '
+        f'# candidate run_id={third} workflow_id="billing.nightly" source=partition '
         'run_key="Other" outcome=updated',
     ]
-    assert counter_values(exposition(result.stdout), dry_run=True) == {
+    assert counter_values(result.stdout, dry_run=True) == {
         "processed": 3,
         "updated": 3,
         "skipped": 0,
@@ -519,12 +520,43 @@ def test_dry_run_previews_conflicts_and_writes_nothing(
     assert fetch_ledger(engine) == {}
 
 
+def test_dry_run_output_is_one_exposition(
+    alembic_cfg: Config, engine: sa.Engine, database_url: URL, tmp_path: Path
+) -> None:
+    upgrade_to_041(
+        alembic_cfg,
+        engine,
+        [
+            make_run(RUN_IDS[0], partition_key="same\nkey", minute=1),
+            make_run(RUN_IDS[1], partition_key="SAME key", minute=2),
+        ],
+    )
+    result = run_cli(["--dry-run"], database_url)
+    assert result.returncode == cli.EXIT_CONFLICTS, result.stderr
+    # The preview and candidate lines are comments in the text format.
+    families = list(text_string_to_metric_families(result.stdout))
+    assert len(families) == 5
+    assert all(line.startswith("# ") for line in result.stdout.splitlines()[:4])
+    if shutil.which("promtool") is None:
+        return
+    checked = subprocess.run(
+        ["promtool", "check", "metrics"],
+        input=result.stdout,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert checked.stdout + checked.stderr == ""
+
+
 def test_dry_run_without_conflicts_exits_0(
     keyed_schema: sa.Engine, database_url: URL
 ) -> None:
     result = run_cli(["--dry-run"], database_url)
     assert result.returncode == cli.EXIT_DONE, result.stderr
-    assert result.stdout.splitlines()[0] == "conflict preview: conflicts=0 groups=0"
+    assert result.stdout.splitlines()[0] == "# conflict preview: conflicts=0 groups=0"
     assert keyed_count(keyed_schema) == 0
 
 
@@ -547,7 +579,7 @@ def test_dry_run_in_read_only_session(
     )
     result = run_cli(["--dry-run"], read_only)
     assert result.returncode == cli.EXIT_DONE, result.stderr
-    assert counter_values(exposition(result.stdout), dry_run=True)["updated"] == 5
+    assert counter_values(result.stdout, dry_run=True)["updated"] == 5
 
     refused = run_cli([], read_only)
     assert refused.returncode == cli.EXIT_ERROR

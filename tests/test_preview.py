@@ -100,14 +100,14 @@ def test_listing_is_capped(alembic_cfg: Config, engine: sa.Engine) -> None:
     out = io.StringIO()
     write_preview(result, out)
     assert out.getvalue().splitlines() == [
-        "conflict preview: conflicts=9 groups=3",
-        'conflict group workflow_id="billing.nightly" run_key_normalized="key-0" '
+        "# conflict preview: conflicts=9 groups=3",
+        '# conflict group workflow_id="billing.nightly" run_key_normalized="key-0" '
         f"conflicts=3 keyed_run=none candidates={run_id(0)},{run_id(1)} "
         "candidates_not_shown=2",
-        'conflict group workflow_id="billing.nightly" run_key_normalized="key-1" '
+        '# conflict group workflow_id="billing.nightly" run_key_normalized="key-1" '
         f"conflicts=3 keyed_run=none candidates={run_id(4)},{run_id(5)} "
         "candidates_not_shown=2",
-        "conflict preview: groups_not_shown=1",
+        "# conflict preview: groups_not_shown=1",
     ]
 
 
@@ -118,6 +118,6 @@ def test_control_characters_are_escaped() -> None:
     out = io.StringIO()
     write_preview(result, out)
     assert out.getvalue().splitlines()[1] == (
-        'conflict group workflow_id="wf\\nnext" run_key_normalized="k\\u2028" '
+        '# conflict group workflow_id="wf\\nnext" run_key_normalized="k\\u2028" '
         f"conflicts=1 keyed_run={run_id(1)} candidates={run_id(2)}"
     )
