@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -722,3 +723,32 @@ def test_database_error_exits_1(keyed_schema: sa.Engine, database_url: URL) -> N
     )
     assert result.stdout == ""
     assert keyed_count(keyed_schema) == 2
+
+
+def test_interrupt_exits_130_keeping_batches(
+    keyed_schema: sa.Engine, database_url: URL
+) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "migrations_support", "--batch-size", "1"]
+        + ["--sleep", "30s"],
+        env=cli_environment(database_url),
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while keyed_count(keyed_schema) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert keyed_count(keyed_schema) == 1
+    finally:
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == cli.EXIT_INTERRUPTED
+    assert last_line(stderr) == (
+        "error: interrupted; batches committed before it keep their keys, so run "
+        "workflow-run-key-backfill again to continue"
+    )
+    assert stdout == ""
+    assert keyed_count(keyed_schema) == 1
