@@ -65,16 +65,17 @@ environment:
                       option wins over its variable
 
 exit status:
-  0    done, with no conflicts or failures (dry run: a real run would be)
+  0    done, with no conflicts or failures (a dry run: a real run would end
+       this way)
   1    error: the database could not be reached or checked, or a batch
        failed with an error that retrying cannot fix; batches committed
        before it keep their keys
   2    invalid usage: an unknown option, or an invalid option or
        {ENV_PREFIX}* value; nothing was written
-  3    stopped at --max-updates with runs still lacking a key (dry run:
+  3    stopped at --max-updates with runs still lacking a key (a dry run:
        a real run would stop there); run again to continue
-  4    conflicts or failures were reported (dry run: would be); review
-       the warnings; takes precedence over 3
+  4    conflicts or failures were reported (a dry run: they would be);
+       review the warnings; takes precedence over 3
   130  interrupted; batches committed before it keep their keys
 """
 
