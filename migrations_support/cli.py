@@ -143,7 +143,8 @@ def _add_backfill_options(knobs: argparse._ArgumentGroup) -> None:
     knobs.add_argument(
         "--statement-timeout",
         metavar="DURATION",
-        help=f"PostgreSQL statement_timeout for each batch, {_DURATION_FORMAT} "
+        help="PostgreSQL statement_timeout for each batch and for the dry run's "
+        f"conflict preview, {_DURATION_FORMAT} "
         + _default_note(
             "statement_timeout", _format_ms(_DEFAULTS.statement_timeout_ms)
         ),
@@ -285,14 +286,14 @@ def exit_status(settings: BackfillSettings, result: WalkResult, runs_left: int) 
     return EXIT_DONE
 
 
-def backfill(connection: sa.Connection, settings: BackfillSettings) -> int:
+def run_backfill(connection: sa.Connection, settings: BackfillSettings) -> int:
     """Run the walk on a connection that holds the advisory lock; return the status."""
     preflight.check_key_schema(connection)
-    if not settings.dry_run:
-        preflight.check_writable(connection)
     if settings.dry_run:
         conflicts = preview.preview_conflicts(connection, settings.statement_timeout_ms)
         preview.write_preview(conflicts, sys.stdout)
+    else:
+        preflight.check_writable(connection)
     estimate = progress.estimate_candidates(connection)
     log.info(
         "%s%d runs without a key",
@@ -320,7 +321,7 @@ def run(settings: BackfillSettings, environ: Mapping[str, str]) -> int:
             database.check_server_encoding(connection)
             connection.commit()
             with database.advisory_lock(connection):
-                return backfill(connection, settings)
+                return run_backfill(connection, settings)
     finally:
         engine.dispose()
 
