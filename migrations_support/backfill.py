@@ -22,7 +22,7 @@ from migrations_support.errors import BackfillError
 from migrations_support.metrics import render, write_metrics_file
 from migrations_support.output import candidate_line
 from migrations_support.settings import BackfillSettings, load_settings
-from migrations_support.walker import BatchWalker, WalkResult
+from migrations_support.walker import BatchSink, BatchWalker, WalkResult
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +41,24 @@ def settings_for(context: MigrationContext) -> BackfillSettings:
 
 
 def run_walk(
-    connection: sa.Connection, settings: BackfillSettings, out: TextIO
+    connection: sa.Connection,
+    settings: BackfillSettings,
+    out: TextIO,
+    on_batch: BatchSink | None = None,
 ) -> WalkResult:
-    """Walk the candidates, print dry-run lines and the counters to ``out``."""
+    """Walk the candidates, print dry-run lines and the counters to ``out``.
+
+    ``on_batch`` is passed to ``BatchWalker``: it receives each batch's
+    counts in place of the walker's batch log line.
+    """
 
     def print_candidate(row: sa.Row) -> None:
         out.write(candidate_line(row) + "\n")
 
     log.info("backfill starting: %s", settings.describe())
     sink = print_candidate if settings.dry_run else None
-    result = BatchWalker(connection, settings, on_candidate=sink).run()
+    walker = BatchWalker(connection, settings, on_candidate=sink, on_batch=on_batch)
+    result = walker.run()
     out.write(render(result.counters, settings.dry_run))
     out.flush()
     if settings.metrics_file is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -150,14 +150,25 @@ KNOB_FIELDS = {
 }
 
 
+def x_argument_label(name: str) -> str:
+    """Return how an error message names the ``-x`` argument for knob ``name``."""
+    return f"-x {name}"
+
+
 def load_settings(
-    environ: Mapping[str, str], x_arguments: Mapping[str, str] | None = None
+    environ: Mapping[str, str],
+    x_arguments: Mapping[str, str] | None = None,
+    *,
+    override_label: Callable[[str], str] = x_argument_label,
 ) -> BackfillSettings:
     """Build the settings from the environment and ``-x`` arguments.
 
     An empty environment variable counts as unset. An ``-x`` argument that
     names no knob is rejected, so a misspelt knob cannot silently fall back
-    to its default. Raises ``BackfillError`` on the first invalid value.
+    to its default. ``override_label`` names an override in error messages,
+    so a caller with its own options (the command line's ``--batch-size``)
+    reports the option the user typed. Raises ``BackfillError`` on the first
+    invalid value.
     """
     values: dict[str, object] = {}
     for name, field in KNOB_FIELDS.items():
@@ -172,5 +183,5 @@ def load_settings(
             raise BackfillError(
                 f"unknown -x argument {name!r}: expected one of {known}"
             )
-        values[KNOB_FIELDS[name]] = _parse_knob(name, f"-x {name}", raw)
+        values[KNOB_FIELDS[name]] = _parse_knob(name, override_label(name), raw)
     return BackfillSettings(**values)  # type: ignore[arg-type]

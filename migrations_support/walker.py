@@ -38,6 +38,8 @@ _RETRYABLE_CLASSES = ("22", "23", "40")
 _RETRYABLE_CODES = ("55P03", "57014")
 
 CandidateSink = Callable[[sa.Row], None]
+# Called with one batch's counts and the running totals of the walk.
+BatchSink = Callable[[BackfillCounters, BackfillCounters], None]
 
 
 @dataclasses.dataclass
@@ -70,17 +72,24 @@ def _error_line(error: DBAPIError) -> str:
 
 
 class BatchWalker:
-    """Walks the candidates of one table once per pass, writing or previewing keys."""
+    """Walks the candidates of one table once per pass, writing or previewing keys.
+
+    ``on_candidate`` receives each candidate row. ``on_batch``, when given,
+    receives each batch's counts in place of the walker's own batch log
+    line, so a progress reporter can log one line per batch.
+    """
 
     def __init__(
         self,
         connection: sa.Connection,
         settings: BackfillSettings,
         on_candidate: CandidateSink | None = None,
+        on_batch: BatchSink | None = None,
     ) -> None:
         self.connection = connection
         self.settings = settings
         self.on_candidate = on_candidate
+        self.on_batch = on_batch
         self.counters = BackfillCounters()
         self.excluded: list[uuid.UUID] = []
         self.batch_number = 0
@@ -301,6 +310,9 @@ class BatchWalker:
             if self.on_candidate is not None:
                 self.on_candidate(row)
         self.counters.add(batch)
+        if self.on_batch is not None:
+            self.on_batch(batch, self.counters)
+            return
         log.info(
             "batch %d: read %d, updated %d, skipped %d, conflicts %d; total updated %d",
             self.batch_number,
