@@ -22,7 +22,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import pytest
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
