@@ -1,4 +1,4 @@
-"""docs/runbook.md: every command runs, and the output it shows is what they print.
+"""The README runbook: every command runs, and the output it shows is what they print.
 
 Each fenced ``bash`` block runs as one bash script, in document order,
 against one test database that starts at revision 040 with the 1,202 runs
@@ -38,7 +38,8 @@ from sqlalchemy.engine import URL
 from migrations_support import cli
 from migrations_support.metrics import COUNTER_HELP
 
-RUNBOOK = PROJECT_ROOT / "docs" / "runbook.md"
+README = PROJECT_ROOT / "README.md"
+RUNBOOK_HEADING = "## Runbook: backfilling workflow run keys"
 BULK_RUNS = 1200
 WORKFLOWS = ("billing.nightly", "reports.daily", "sync.hourly")
 # Two active runs whose partition keys normalize to the same key. Their ids
@@ -59,6 +60,14 @@ class Block:
     line: int
     script: str
     sample: list[str] | None
+
+
+def runbook_text() -> str:
+    """Return the README's runbook section, up to the next ``## `` heading."""
+    text = README.read_text()
+    section = text[text.index(RUNBOOK_HEADING) :]
+    end = section.find("\n## ", len(RUNBOOK_HEADING))
+    return section if end == -1 else section[: end + 1]
 
 
 def runbook_blocks(text: str) -> list[Block]:
@@ -186,13 +195,13 @@ def test_runbook_commands_run_and_match_samples(
     insert_many(engine, runbook_runs())
     (tmp_path / "textfile").mkdir()
     environment = runbook_environment(database_url, tmp_path)
-    blocks = runbook_blocks(RUNBOOK.read_text())
+    blocks = runbook_blocks(runbook_text())
     assert len(blocks) == 11
 
     for block in blocks:
         result = run_block(block, environment, tmp_path)
         output = result.stdout + result.stderr
-        where = f"runbook.md line {block.line}:\n{block.script}\noutput:\n{output}"
+        where = f"README runbook line {block.line}:\n{block.script}\noutput:\n{output}"
         assert result.returncode == 0, where
         # A block's status is its last command's, so check the others' errors.
         assert "FAILED:" not in output, where
@@ -263,14 +272,14 @@ def test_rollback_after_command_line_only(
 
 
 def test_runbook_documents_every_counter() -> None:
-    monitoring = RUNBOOK.read_text().split("### Monitoring", 1)[1]
+    monitoring = runbook_text().split("### Monitoring", 1)[1]
     monitoring = monitoring.split("\n### ", 1)[0]
     for name in COUNTER_HELP:
         assert f"`workflow_run_key_backfill_{name}_total`" in monitoring
 
 
 def test_runbook_exit_statuses_match_cli() -> None:
-    rows = re.findall(r"^\| (\d+) \| (.+) \|$", RUNBOOK.read_text(), re.MULTILINE)
+    rows = re.findall(r"^\| (\d+) \| (.+) \|$", runbook_text(), re.MULTILINE)
     documented = {int(status): meaning for status, meaning in rows}
     assert sorted(documented) == [
         cli.EXIT_DONE,
@@ -286,7 +295,7 @@ def test_runbook_exit_statuses_match_cli() -> None:
 
 
 def test_runbook_sections_in_order() -> None:
-    headings = re.findall(r"^### (.+)$", RUNBOOK.read_text(), re.MULTILINE)
+    headings = re.findall(r"^### (.+)$", runbook_text(), re.MULTILINE)
     assert headings == [
         "Prerequisites",
         "Dry run",
