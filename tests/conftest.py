@@ -6,6 +6,7 @@ embedded PostgreSQL 18 started once for the session.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -36,15 +37,22 @@ def server_url() -> Iterator[URL]:
         server.stop()
 
 
-@pytest.fixture
-def database_url(server_url: URL) -> Iterator[URL]:
-    """URL of a new, empty UTF-8 database, dropped after the test."""
+@contextlib.contextmanager
+def fresh_database(server_url: URL) -> Iterator[URL]:
+    """Create a new, empty UTF-8 database and drop it when the block ends."""
     name = f"test_{uuid.uuid4().hex[:12]}"
     url = embedded.create_database(server_url, name)
     try:
         yield url
     finally:
         embedded.drop_database(server_url, name)
+
+
+@pytest.fixture
+def database_url(server_url: URL) -> Iterator[URL]:
+    """URL of a new, empty UTF-8 database, dropped after the test."""
+    with fresh_database(server_url) as url:
+        yield url
 
 
 @pytest.fixture

