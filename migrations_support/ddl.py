@@ -113,6 +113,8 @@ def _with_lock_retries(
         except DBAPIError as error:
             if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
                 raise
+            if attempt == LOCK_ATTEMPTS:
+                break
             pause_s = LOCK_BACKOFF_S * 2 ** (attempt - 1)
             log.warning(
                 "%s: lock not granted within lock_timeout=%dms (attempt %d of %d); "
@@ -123,8 +125,7 @@ def _with_lock_retries(
                 LOCK_ATTEMPTS,
                 pause_s,
             )
-            if attempt < LOCK_ATTEMPTS:
-                time.sleep(pause_s)
+            time.sleep(pause_s)
     raise BackfillError(
         f"{description}: could not lock workflow_runs within "
         f"lock_timeout={settings.lock_timeout_ms}ms in {LOCK_ATTEMPTS} attempts; "
