@@ -244,6 +244,7 @@ class BatchWalker:
     def _fail_single(self, lower: uuid.UUID) -> uuid.UUID | None:
         """Count the first candidate from ``lower`` as failed and pass over it."""
         with self.connection.begin():
+            self._set_local_timeouts()
             run_id = self.connection.execute(
                 sa.select(workflow_runs.c.id)
                 .where(workflow_runs.c.run_key.is_(None), workflow_runs.c.id >= lower)
@@ -329,6 +330,7 @@ class BatchWalker:
             self._candidates_left().subquery()
         )
         with self.connection.begin():
+            self._set_local_timeouts()
             return int(self.connection.execute(query).scalar_one())
 
     def _remaining_ids(self) -> list[uuid.UUID]:
@@ -338,6 +340,7 @@ class BatchWalker:
             .limit(REMAINING_IDS_SHOWN)
         )
         with self.connection.begin():
+            self._set_local_timeouts()
             return [
                 uuid.UUID(str(run_id))
                 for run_id in self.connection.execute(query).scalars()
