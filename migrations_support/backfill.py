@@ -115,7 +115,10 @@ def revert(connection: sa.Connection, settings: BackfillSettings) -> tuple[int, 
                 sa.select(
                     sa.func.set_config(
                         "lock_timeout", f"{settings.lock_timeout_ms}ms", True
-                    )
+                    ),
+                    sa.func.set_config(
+                        "statement_timeout", f"{settings.statement_timeout_ms}ms", True
+                    ),
                 )
             )
             row = connection.execute(
