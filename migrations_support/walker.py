@@ -145,25 +145,31 @@ class BatchWalker:
         )
         lower: uuid.UUID | None = FIRST_ID
         limit = self.settings.batch_size
+        # Candidates of a failed batch that the walk has not passed yet. It
+        # keeps the split size over them, so each halving meets the failing
+        # run once instead of once more after every half that succeeds.
+        split_left = 0
         while lower is not None and not self._cap_reached():
             limit = min(limit, self._cap_left())
             try:
                 rows = self._run_batch(lower, limit)
             except _BatchFailed:
+                split_left = split_left or limit
                 if limit > 1:
                     limit = max(1, limit // 2)
                     log.warning("splitting the batch from run %s into %d", lower, limit)
                     continue
                 lower = self._fail_single(lower)
-                limit = self.settings.batch_size
-                continue
-            if not rows:
-                return
-            self._record(rows)
-            lower = next_id(rows[-1].id)
-            limit = self.settings.batch_size
-            if self.settings.sleep_ms:
-                time.sleep(self.settings.sleep_ms / 1000)
+                split_left = 0
+            else:
+                if not rows:
+                    return
+                self._record(rows)
+                lower = next_id(rows[-1].id)
+                split_left = max(0, split_left - len(rows))
+                if self.settings.sleep_ms:
+                    time.sleep(self.settings.sleep_ms / 1000)
+            limit = min(limit, split_left) if split_left else self.settings.batch_size
 
     # -- one batch ----------------------------------------------------------
 
