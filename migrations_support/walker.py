@@ -48,6 +48,8 @@ class WalkResult:
     remaining: int
     stopped_at_cap: bool
     remaining_ids: list[uuid.UUID]
+    # Runs counted as failures, in the order the walk met them.
+    failed_ids: list[uuid.UUID] = dataclasses.field(default_factory=list)
 
 
 class _BatchFailed(Exception):
@@ -83,6 +85,7 @@ class BatchWalker:
         self.on_candidate = on_candidate
         self.counters = BackfillCounters()
         self.excluded: list[uuid.UUID] = []
+        self.failed: list[uuid.UUID] = []
         self.batch_number = 0
         self.max_batch_ms = 0.0
         inputs = batches.bound_inputs()
@@ -118,7 +121,13 @@ class BatchWalker:
             self.batch_number,
             self.max_batch_ms,
         )
-        return WalkResult(self.counters, remaining, self._cap_reached(), remaining_ids)
+        return WalkResult(
+            self.counters,
+            remaining,
+            self._cap_reached(),
+            remaining_ids,
+            failed_ids=list(self.failed),
+        )
 
     def _refresh_statistics(self) -> None:
         """ANALYZE the table so the planner reads batches from the candidate index.
@@ -267,6 +276,7 @@ class BatchWalker:
             "run %s could not be keyed after retries; counted as a failure", run_id
         )
         self.excluded.append(run_id)
+        self.failed.append(run_id)
         self.counters.processed += 1
         self.counters.failures += 1
         return next_id(run_id)
