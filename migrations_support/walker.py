@@ -113,8 +113,9 @@ class BatchWalker:
                 break
             self._walk_pass(f"catch-up {number}")
 
-        remaining = 0 if self.settings.dry_run else self._count_remaining()
-        remaining_ids = self._remaining_ids() if remaining else []
+        remaining, remaining_ids = (
+            (0, []) if self.settings.dry_run else self._remaining()
+        )
         log.info(
             "walk finished in %.1f s: %d batches, max batch %.0f ms",
             time.monotonic() - started,
@@ -349,15 +350,21 @@ class BatchWalker:
             self._set_local_timeouts()
             return int(self.connection.execute(query).scalar_one())
 
-    def _remaining_ids(self) -> list[uuid.UUID]:
+    def _remaining(self) -> tuple[int, list[uuid.UUID]]:
+        """Return the count of candidates left and the first of their ids.
+
+        One statement reads both, so the count and the ids agree while
+        writers keep inserting runs.
+        """
         query = (
             self._candidates_left()
+            .add_columns(sa.func.count().over().label("total"))
             .order_by(workflow_runs.c.id)
             .limit(REMAINING_IDS_SHOWN)
         )
         with self.connection.begin():
             self._set_local_timeouts()
-            return [
-                uuid.UUID(str(run_id))
-                for run_id in self.connection.execute(query).scalars()
-            ]
+            rows = self.connection.execute(query).all()
+        if not rows:
+            return 0, []
+        return int(rows[0].total), [uuid.UUID(str(row.id)) for row in rows]
