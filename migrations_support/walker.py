@@ -153,13 +153,22 @@ class BatchWalker:
             name,
             self.settings.batch_size,
         )
+        # The pass ends at the last candidate it finds when it starts. Runs
+        # inserted after that id, as time-ordered ids always are, wait for
+        # the next pass instead of keeping this one going for ever.
+        last_id = self._last_candidate_id()
         lower: uuid.UUID | None = FIRST_ID
         limit = self.settings.batch_size
         # Candidates of a failed batch that the walk has not passed yet. It
         # keeps the split size over them, so each halving meets the failing
         # run once instead of once more after every half that succeeds.
         split_left = 0
-        while lower is not None and not self._cap_reached():
+        while (
+            lower is not None
+            and last_id is not None
+            and lower <= last_id
+            and not self._cap_reached()
+        ):
             limit = min(limit, self._cap_left())
             try:
                 rows = self._run_batch(lower, limit)
@@ -341,6 +350,15 @@ class BatchWalker:
             workflow_runs.c.run_key.is_(None),
             workflow_runs.c.id != sa.func.all_(sa.bindparam("excluded", self.excluded)),
         )
+
+    def _last_candidate_id(self) -> uuid.UUID | None:
+        # PostgreSQL 15 has no max(uuid); this reads the candidate index
+        # backwards instead.
+        query = self._candidates_left().order_by(workflow_runs.c.id.desc()).limit(1)
+        with self.connection.begin():
+            self._set_local_timeouts()
+            last_id = self.connection.execute(query).scalar()
+        return None if last_id is None else uuid.UUID(str(last_id))
 
     def _count_remaining(self) -> int:
         query = sa.select(sa.func.count()).select_from(
