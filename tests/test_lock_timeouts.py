@@ -9,6 +9,7 @@ them, and none of them leaks out.
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 import time
@@ -25,8 +26,10 @@ from alembic.config import Config
 from sqlalchemy.engine import URL
 
 from migrations_support import database, ddl, demo_data
+from migrations_support.backfill import run_walk
 from migrations_support.errors import BackfillError
-from tests.helpers import current_revision, insert_runs, make_run
+from migrations_support.settings import BackfillSettings
+from tests.helpers import current_revision, insert_runs, make_run, upgrade_to_041
 from tests.processes import start_alembic
 
 LOCK_TIMEOUT_MS = 400
@@ -486,3 +489,23 @@ def _statement_kind(first_line: str) -> str:
     if first_line.startswith("WITH removed AS"):
         return "revert batch"
     return "walker query"
+
+
+def test_walk_keeps_earlier_session_settings(
+    alembic_cfg: Config, engine: sa.Engine
+) -> None:
+    upgrade_to_041(alembic_cfg, engine, [make_run(partition_key="p")])
+
+    with engine.connect() as connection:
+        connection.execute(sa.text("SET lock_timeout = '7s'"))
+        connection.execute(sa.text("SET statement_timeout = '9s'"))
+        connection.commit()
+        before = tuple(connection.execute(sa.text(_SETTINGS_QUERY)).one())
+        connection.commit()
+        result = run_walk(connection, BackfillSettings(), io.StringIO())
+        after = tuple(connection.execute(sa.text(_SETTINGS_QUERY)).one())
+
+    assert result.counters.updated == 1
+    assert before[1:3] == ("7s", "9s")
+    # The walk's SET LOCAL values (2s, 30s, jit off) ended with each batch.
+    assert after == before
