@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 SETTINGS_ATTRIBUTE = "backfill_settings"
 REVISION = "042_backfill_workflow_run_keys"
 CATCH_UP_COMMAND = "workflow-run-key-backfill"
+FAILED_IDS_SHOWN = 10
 
 
 def settings_for(context: MigrationContext) -> BackfillSettings:
@@ -69,6 +70,17 @@ def run_walk(
             "%d runs inserted without a key during the walk still lack one "
             "(first: %s); run `%s` to key them",
             result.remaining,
+            shown,
+            CATCH_UP_COMMAND,
+        )
+    if result.failed_ids:
+        shown = ", ".join(
+            str(run_id) for run_id in result.failed_ids[:FAILED_IDS_SHOWN]
+        )
+        log.warning(
+            "%d runs could not be keyed after retries (first: %s); run `%s` to key "
+            "them once whatever held them is gone",
+            len(result.failed_ids),
             shown,
             CATCH_UP_COMMAND,
         )
@@ -123,7 +135,10 @@ def revert(connection: sa.Connection, settings: BackfillSettings) -> tuple[int, 
                 sa.select(
                     sa.func.set_config(
                         "lock_timeout", f"{settings.lock_timeout_ms}ms", True
-                    )
+                    ),
+                    sa.func.set_config(
+                        "statement_timeout", f"{settings.statement_timeout_ms}ms", True
+                    ),
                 )
             )
             row = connection.execute(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Mapping
 
 import sqlalchemy as sa
@@ -23,6 +24,7 @@ _POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg")
 # two runners never walk the same table at once. The value is arbitrary;
 # it spells "runkeys" in ASCII.
 ADVISORY_LOCK_KEY = 0x72756E6B657973
+ADVISORY_LOCK_POLL_S = 1.0
 
 
 def parse_database_url(raw: str | None) -> URL:
@@ -97,22 +99,15 @@ def check_server_encoding(connection: sa.Connection) -> None:
 def advisory_lock(connection: sa.Connection) -> Iterator[None]:
     """Hold the session-level advisory lock that allows one runner at a time.
 
-    A second runner waits here until the first releases the lock, then
-    finds the work done. The lock belongs to the session, so it survives
-    the commits of each batch and ends with the connection if the process
-    dies.
+    A second runner polls until the first releases the lock, then finds
+    the work done. The lock belongs to the session, so it survives the
+    commits of each batch and ends with the connection if the process dies.
     """
-    acquired = connection.execute(
-        sa.select(sa.func.pg_try_advisory_lock(ADVISORY_LOCK_KEY))
-    ).scalar_one()
-    if not acquired:
+    if not _try_advisory_lock(connection):
         log.info("another runner holds the backfill lock; waiting for it to finish")
-        # Waiting for an advisory lock counts against lock_timeout, which a
-        # role may set. This one wait is meant to last until the other
-        # runner is done.
-        connection.execute(sa.select(sa.func.set_config("lock_timeout", "0", True)))
-        connection.execute(sa.select(sa.func.pg_advisory_lock(ADVISORY_LOCK_KEY)))
-    connection.commit()
+        while not _try_advisory_lock(connection):
+            time.sleep(ADVISORY_LOCK_POLL_S)
+        log.info("backfill lock acquired")
     try:
         yield
     finally:
@@ -120,3 +115,15 @@ def advisory_lock(connection: sa.Connection) -> Iterator[None]:
             connection.rollback()
         connection.execute(sa.select(sa.func.pg_advisory_unlock(ADVISORY_LOCK_KEY)))
         connection.commit()
+
+
+def _try_advisory_lock(connection: sa.Connection) -> bool:
+    # A session blocked in pg_advisory_lock() keeps its statement's snapshot,
+    # and CREATE INDEX CONCURRENTLY in the runner holding the lock waits for
+    # every older snapshot in the database. The two then deadlock and
+    # PostgreSQL aborts one of them, so each try is its own short transaction.
+    acquired = connection.execute(
+        sa.select(sa.func.pg_try_advisory_lock(ADVISORY_LOCK_KEY))
+    ).scalar_one()
+    connection.commit()
+    return bool(acquired)

@@ -73,18 +73,33 @@ def drop_runs_table(op: Operations, context: MigrationContext) -> None:
 
 
 @contextlib.contextmanager
-def _lock_timeout(bind: sa.Connection, timeout_ms: int) -> Iterator[None]:
-    """Set lock_timeout for the session and put back the previous value."""
-    previous = bind.execute(
-        sa.text("SELECT current_setting('lock_timeout')")
-    ).scalar_one()
+def _index_build_timeouts(bind: sa.Connection, timeout_ms: int) -> Iterator[None]:
+    """Set lock_timeout and turn statement_timeout off, then restore both.
+
+    lock_timeout bounds each wait of the build. statement_timeout is off
+    because a concurrent build blocks no writer however long it runs, and a
+    limit meant for application queries (a role default, say) would cancel
+    it and leave an INVALID index behind.
+    """
+    names = ("lock_timeout", "statement_timeout")
+    previous = {
+        name: bind.execute(sa.select(sa.func.current_setting(name))).scalar_one()
+        for name in names
+    }
     bind.execute(
-        sa.select(sa.func.set_config("lock_timeout", f"{timeout_ms}ms", False))
+        sa.select(
+            sa.func.set_config("lock_timeout", f"{timeout_ms}ms", False),
+            sa.func.set_config("statement_timeout", "0", False),
+        )
     )
     try:
         yield
     finally:
-        bind.execute(sa.select(sa.func.set_config("lock_timeout", previous, False)))
+        bind.execute(
+            sa.select(
+                *(sa.func.set_config(name, previous[name], False) for name in names)
+            )
+        )
 
 
 def _with_lock_retries(
@@ -98,6 +113,8 @@ def _with_lock_retries(
         except DBAPIError as error:
             if getattr(error.orig, "sqlstate", None) != LOCK_NOT_AVAILABLE:
                 raise
+            if attempt == LOCK_ATTEMPTS:
+                break
             pause_s = LOCK_BACKOFF_S * 2 ** (attempt - 1)
             log.warning(
                 "%s: lock not granted within lock_timeout=%dms (attempt %d of %d); "
@@ -108,8 +125,7 @@ def _with_lock_retries(
                 LOCK_ATTEMPTS,
                 pause_s,
             )
-            if attempt < LOCK_ATTEMPTS:
-                time.sleep(pause_s)
+            time.sleep(pause_s)
     raise BackfillError(
         f"{description}: could not lock workflow_runs within "
         f"lock_timeout={settings.lock_timeout_ms}ms in {LOCK_ATTEMPTS} attempts; "
@@ -173,14 +189,16 @@ def create_key_index(
     with context.autocommit_block():
         if context.as_sql:
             op.execute(f"SET lock_timeout = '{settings.lock_timeout_ms}ms'")
+            op.execute("SET statement_timeout = 0")
             for name, create in _INDEXES:
                 offline.emit_drop_invalid_index(context, name)
                 create(op)
             op.execute("RESET lock_timeout")
+            op.execute("RESET statement_timeout")
             return
         bind = context.bind
         assert bind is not None
-        with _lock_timeout(bind, settings.lock_timeout_ms):
+        with _index_build_timeouts(bind, settings.lock_timeout_ms):
             for name, create in _INDEXES:
                 rebuild = functools.partial(_rebuild_index, op, bind, name, create)
                 _with_lock_retries(f"building index {name}", settings, rebuild)

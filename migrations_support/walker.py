@@ -50,6 +50,8 @@ class WalkResult:
     remaining: int
     stopped_at_cap: bool
     remaining_ids: list[uuid.UUID]
+    # Runs counted as failures, in the order the walk met them.
+    failed_ids: list[uuid.UUID] = dataclasses.field(default_factory=list)
 
 
 class _BatchFailed(Exception):
@@ -92,6 +94,7 @@ class BatchWalker:
         self.on_batch = on_batch
         self.counters = BackfillCounters()
         self.excluded: list[uuid.UUID] = []
+        self.failed: list[uuid.UUID] = []
         self.batch_number = 0
         self.max_batch_ms = 0.0
         inputs = batches.bound_inputs()
@@ -119,15 +122,22 @@ class BatchWalker:
                 break
             self._walk_pass(f"catch-up {number}")
 
-        remaining = 0 if self.settings.dry_run else self._count_remaining()
-        remaining_ids = self._remaining_ids() if remaining else []
+        remaining, remaining_ids = (
+            (0, []) if self.settings.dry_run else self._remaining()
+        )
         log.info(
             "walk finished in %.1f s: %d batches, max batch %.0f ms",
             time.monotonic() - started,
             self.batch_number,
             self.max_batch_ms,
         )
-        return WalkResult(self.counters, remaining, self._cap_reached(), remaining_ids)
+        return WalkResult(
+            self.counters,
+            remaining,
+            self._cap_reached(),
+            remaining_ids,
+            failed_ids=list(self.failed),
+        )
 
     def _refresh_statistics(self) -> None:
         """ANALYZE the table so the planner reads batches from the candidate index.
@@ -152,27 +162,42 @@ class BatchWalker:
             name,
             self.settings.batch_size,
         )
+        # The pass ends at the last candidate it finds when it starts. Runs
+        # inserted after that id, as time-ordered ids always are, wait for
+        # the next pass instead of keeping this one going for ever.
+        last_id = self._last_candidate_id()
         lower: uuid.UUID | None = FIRST_ID
         limit = self.settings.batch_size
-        while lower is not None and not self._cap_reached():
+        # Candidates of a failed batch that the walk has not passed yet. It
+        # keeps the split size over them, so each halving meets the failing
+        # run once instead of once more after every half that succeeds.
+        split_left = 0
+        while (
+            lower is not None
+            and last_id is not None
+            and lower <= last_id
+            and not self._cap_reached()
+        ):
             limit = min(limit, self._cap_left())
             try:
                 rows = self._run_batch(lower, limit)
             except _BatchFailed:
+                split_left = split_left or limit
                 if limit > 1:
                     limit = max(1, limit // 2)
                     log.warning("splitting the batch from run %s into %d", lower, limit)
                     continue
                 lower = self._fail_single(lower)
-                limit = self.settings.batch_size
-                continue
-            if not rows:
-                return
-            self._record(rows)
-            lower = next_id(rows[-1].id)
-            limit = self.settings.batch_size
-            if self.settings.sleep_ms:
-                time.sleep(self.settings.sleep_ms / 1000)
+                split_left = 0
+            else:
+                if not rows:
+                    return
+                self._record(rows)
+                lower = next_id(rows[-1].id)
+                split_left = max(0, split_left - len(rows))
+                if self.settings.sleep_ms:
+                    time.sleep(self.settings.sleep_ms / 1000)
+            limit = min(limit, split_left) if split_left else self.settings.batch_size
 
     # -- one batch ----------------------------------------------------------
 
@@ -261,6 +286,7 @@ class BatchWalker:
     def _fail_single(self, lower: uuid.UUID) -> uuid.UUID | None:
         """Count the first candidate from ``lower`` as failed and pass over it."""
         with self.connection.begin():
+            self._set_local_settings()
             run_id = self.connection.execute(
                 sa.select(workflow_runs.c.id)
                 .where(workflow_runs.c.run_key.is_(None), workflow_runs.c.id >= lower)
@@ -277,6 +303,7 @@ class BatchWalker:
             "run %s could not be keyed after retries; counted as a failure", run_id
         )
         self.excluded.append(run_id)
+        self.failed.append(run_id)
         self.counters.processed += 1
         self.counters.failures += 1
         return next_id(run_id)
@@ -352,21 +379,38 @@ class BatchWalker:
             workflow_runs.c.id != sa.func.all_(sa.bindparam("excluded", self.excluded)),
         )
 
+    def _last_candidate_id(self) -> uuid.UUID | None:
+        # PostgreSQL 15 has no max(uuid); this reads the candidate index
+        # backwards instead.
+        query = self._candidates_left().order_by(workflow_runs.c.id.desc()).limit(1)
+        with self.connection.begin():
+            self._set_local_settings()
+            last_id = self.connection.execute(query).scalar()
+        return None if last_id is None else uuid.UUID(str(last_id))
+
     def _count_remaining(self) -> int:
         query = sa.select(sa.func.count()).select_from(
             self._candidates_left().subquery()
         )
         with self.connection.begin():
+            self._set_local_settings()
             return int(self.connection.execute(query).scalar_one())
 
-    def _remaining_ids(self) -> list[uuid.UUID]:
+    def _remaining(self) -> tuple[int, list[uuid.UUID]]:
+        """Return the count of candidates left and the first of their ids.
+
+        One statement reads both, so the count and the ids agree while
+        writers keep inserting runs.
+        """
         query = (
             self._candidates_left()
+            .add_columns(sa.func.count().over().label("total"))
             .order_by(workflow_runs.c.id)
             .limit(REMAINING_IDS_SHOWN)
         )
         with self.connection.begin():
-            return [
-                uuid.UUID(str(run_id))
-                for run_id in self.connection.execute(query).scalars()
-            ]
+            self._set_local_settings()
+            rows = self.connection.execute(query).all()
+        if not rows:
+            return 0, []
+        return int(rows[0].total), [uuid.UUID(str(row.id)) for row in rows]

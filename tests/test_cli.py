@@ -658,6 +658,8 @@ def test_in_process_run_matches_subprocess(
 
 def test_waits_for_advisory_lock(keyed_schema: sa.Engine, database_url: URL) -> None:
     with keyed_schema.connect() as holder, database.advisory_lock(holder):
+        holder_pid = holder.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+        holder.commit()
         process = subprocess.Popen(
             [sys.executable, "-m", "migrations_support"],
             env=cli_environment(database_url),
@@ -667,7 +669,9 @@ def test_waits_for_advisory_lock(keyed_schema: sa.Engine, database_url: URL) -> 
             text=True,
         )
         try:
-            assert wait_for_lock_waiter(keyed_schema, timeout_s=30)
+            assert wait_for_lock_poller(keyed_schema, holder_pid, timeout_s=30)
+            # Two more polls: the waiting runner still writes nothing.
+            time.sleep(2 * database.ADVISORY_LOCK_POLL_S)
             assert keyed_count(keyed_schema) == 0
         except BaseException:
             process.kill()
@@ -682,17 +686,21 @@ def test_waits_for_advisory_lock(keyed_schema: sa.Engine, database_url: URL) -> 
     assert counter_values(stdout)["updated"] == 5
 
 
-def wait_for_lock_waiter(engine: sa.Engine, timeout_s: float) -> bool:
-    """Return whether a session waits for the advisory lock within ``timeout_s``."""
+def wait_for_lock_poller(engine: sa.Engine, holder_pid: int, timeout_s: float) -> bool:
+    """Return whether another session asks for the runner lock within ``timeout_s``.
+
+    A waiting runner polls pg_try_advisory_lock() in short transactions, so
+    it shows in pg_stat_activity by its last query, not as a lock wait.
+    """
     deadline = time.monotonic() + timeout_s
     query = sa.text(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-        "AND database = (SELECT oid FROM pg_database WHERE datname = "
-        "current_database())"
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid NOT IN (:holder, pg_backend_pid()) "
+        "AND query LIKE '%pg_try_advisory_lock%'"
     )
     while time.monotonic() < deadline:
         with engine.connect() as connection:
-            if connection.execute(query).scalar():
+            if connection.execute(query, {"holder": holder_pid}).scalar():
                 return True
         time.sleep(0.1)
     return False
