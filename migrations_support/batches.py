@@ -118,9 +118,16 @@ def _lock_candidates(snapshot: sa.CTE) -> sa.Select:
     reports it as taken.
     """
     w = workflow_runs
+    snapshot_ids = sa.select(sa.func.array_agg(snapshot.c.id)).scalar_subquery()
     return (
         sa.select(*(w.c[name] for name in _CANDIDATE_COLUMNS))
-        .where(w.c.id.in_(sa.select(snapshot.c.id)), w.c.run_key.is_(None))
+        # = ANY(array) is an index condition on the primary key whatever
+        # the statistics say, where IN (subquery) may become a hash join
+        # over the whole table.
+        .where(
+            w.c.id == sa.any_(sa.cast(snapshot_ids, postgresql.ARRAY(w.c.id.type))),
+            w.c.run_key.is_(None),
+        )
         .with_for_update(of=w)
     )
 
