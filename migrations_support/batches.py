@@ -204,20 +204,18 @@ def _suffix_taken(
     by a remembered dry-run key or by a candidate of this batch keeping its key."""
     key = checked.c.run_key_normalized + suffix
     winner = checked.alias()
-    held_in_batch = (
-        sa.select(winner.c.id)
-        .where(
-            winner.c.workflow_id == checked.c.workflow_id,
-            winner.c.active,
-            winner.c.holder_id.is_(None),
-            winner.c.run_key_normalized == key,
-        )
-        .exists()
+    # PostgreSQL runs an uncorrelated IN as a hashed subplan when the
+    # planner expects the hash table to fit in work_mem * hash_mem_multiplier,
+    # so each conflict costs one lookup. A correlated EXISTS scans the batch
+    # once per conflict, which is quadratic for a batch of the whole table.
+    # Neither side can be NULL, so IN and EXISTS give the same answer.
+    kept_keys = sa.select(winner.c.workflow_id, winner.c.run_key_normalized).where(
+        winner.c.active, winner.c.holder_id.is_(None)
     )
     return sa.or_(
         _table_holder(checked, key).is_not(None),
         _pending_holder(pending, checked, key).is_not(None),
-        held_in_batch,
+        sa.tuple_(checked.c.workflow_id, key).in_(kept_keys),
     )
 
 

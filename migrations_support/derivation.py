@@ -96,20 +96,40 @@ def dedupe_value(trigger: sa.ColumnElement[object]) -> sa.ColumnElement[str]:
     )
 
 
+def _step(query: sa.Select, name: str) -> sa.Subquery:
+    """Return ``query`` as a subquery that the planner keeps as its own step.
+
+    PostgreSQL pulls a plain subquery up into the query that reads it and
+    then evaluates a column's expression again at every reference. The
+    cleaned source value is referenced about a dozen times on its way to
+    ``run_key_normalized``, so its regular expressions ran that often per
+    run. A subquery with OFFSET is never pulled up, and OFFSET 0 skips
+    no row, so each step computes its columns once per run.
+    """
+    return query.offset(sa.literal_column("0", sa.Integer)).subquery(name)
+
+
 def derive_keys(runs: sa.FromClause) -> sa.Subquery:
     """Return ``runs`` with ``source``, ``run_key`` and ``run_key_normalized`` added.
 
     ``runs`` must have the columns ``id``, ``partition_key``, ``trigger`` and
     ``event_id``; all its columns pass through unchanged. Each step is its
-    own subquery, so every expression appears once in the SQL text.
+    own subquery, so every expression appears once in the SQL text and is
+    computed once per run.
+
+    A condition on the result cannot reach ``runs`` through these steps, so
+    filter ``runs`` itself, or every run in it is derived.
     """
     passthrough = [column.name for column in runs.columns]
-    cleaned = sa.select(
-        runs,
-        clean_value(runs.c.partition_key).label("clean_partition"),
-        clean_value(dedupe_value(runs.c.trigger)).label("clean_dedupe"),
-        clean_value(runs.c.event_id).label("clean_event"),
-    ).subquery("cleaned")
+    cleaned = _step(
+        sa.select(
+            runs,
+            clean_value(runs.c.partition_key).label("clean_partition"),
+            clean_value(dedupe_value(runs.c.trigger)).label("clean_dedupe"),
+            clean_value(runs.c.event_id).label("clean_event"),
+        ),
+        "cleaned",
+    )
 
     choices = [
         (cleaned.c.clean_partition, SOURCE_PARTITION),
@@ -121,20 +141,29 @@ def derive_keys(runs: sa.FromClause) -> sa.Subquery:
         *((value != "", name) for value, name in choices), else_=SOURCE_UUID
     )
     value = sa.case(*((value != "", value) for value, _ in choices), else_=fallback)
-    chosen = sa.select(
-        *(cleaned.c[name] for name in passthrough),
-        source.label("source"),
-        value.label("source_value"),
-    ).subquery("chosen")
+    chosen = _step(
+        sa.select(
+            *(cleaned.c[name] for name in passthrough),
+            source.label("source"),
+            value.label("source_value"),
+        ),
+        "chosen",
+    )
 
-    keyed = sa.select(
-        *(chosen.c[name] for name in passthrough),
-        chosen.c.source,
-        shorten(chosen.c.source_value).label("run_key"),
-    ).subquery("keyed")
-    dashed = sa.select(
-        keyed, normalize_unshortened(keyed.c.run_key).label("normalized_value")
-    ).subquery("dashed")
+    keyed = _step(
+        sa.select(
+            *(chosen.c[name] for name in passthrough),
+            chosen.c.source,
+            shorten(chosen.c.source_value).label("run_key"),
+        ),
+        "keyed",
+    )
+    dashed = _step(
+        sa.select(
+            keyed, normalize_unshortened(keyed.c.run_key).label("normalized_value")
+        ),
+        "dashed",
+    )
     return sa.select(
         *(dashed.c[name] for name in passthrough),
         dashed.c.source,

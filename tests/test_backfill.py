@@ -176,6 +176,28 @@ def test_taken_short_suffix_uses_full_id(
     assert counter_values(out)["conflicts"] == 1
 
 
+def test_short_suffix_taken_in_batch_uses_full_id(
+    alembic_cfg: Config, engine: sa.Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # B is created first and keeps order-7. C, in the same batch, keeps the
+    # key that A's short suffix would give, so A gets its full id.
+    runs = [
+        make_run(A, partition_key="order-7", minute=5),
+        make_run(B, partition_key="Order-7", minute=1),
+        make_run(C, partition_key="order-7-10000000", minute=0),
+    ]
+    upgrade_to_041(alembic_cfg, engine, runs)
+
+    out = upgrade_head(alembic_cfg, capsys)
+
+    assert fetch_keys(engine) == {
+        A: (f"order-7-{A.hex}", f"order-7-{A.hex}"),
+        B: ("Order-7", "order-7"),
+        C: ("order-7-10000000", "order-7-10000000"),
+    }
+    assert counter_values(out)["conflicts"] == 1
+
+
 def test_skip_policy_counts_skipped(
     alembic_cfg: Config,
     engine: sa.Engine,
