@@ -103,13 +103,17 @@ class ContenderSpec:
     url: str
     batch_size: int = BackfillSettings().batch_size
     row_limit: int | None = None
+    sleep_ms: int = 0
 
     @property
     def label(self) -> str:
         """Return the contender's name in the report."""
-        if self.kind == ROW_LOOP or self.batch_size == BackfillSettings().batch_size:
-            return LABELS[self.kind]
-        return f"{LABELS[self.kind]}, batch {self.batch_size}"
+        label = LABELS[self.kind]
+        if self.kind != ROW_LOOP and self.batch_size != BackfillSettings().batch_size:
+            label += f", batch {self.batch_size}"
+        if self.sleep_ms:
+            label += f", sleep {self.sleep_ms} ms"
+        return label
 
 
 @dataclasses.dataclass
@@ -136,6 +140,7 @@ class Measurement:
     candidates: int
     writer_ms: list[float]
     idle_ms: list[float]
+    wal_bytes: int
     keys_left: int
     keys_checksum: str
 
@@ -292,7 +297,8 @@ def time_single_update(
 
 def time_backfill(connection: sa.Connection, spec: ContenderSpec) -> tuple[int, float]:
     """Run the project's walker; return the keys written and its longest batch."""
-    walker = BatchWalker(connection, BackfillSettings(batch_size=spec.batch_size))
+    settings = BackfillSettings(batch_size=spec.batch_size, sleep_ms=spec.sleep_ms)
+    walker = BatchWalker(connection, settings)
     result = walker.run()
     return result.counters.updated, walker.max_batch_ms
 
@@ -318,11 +324,11 @@ def time_block_walk(
 ) -> tuple[int, float]:
     """Key the runs in batches of table pages, then the rest with the walker.
 
-    An experiment, not the project's backfill: batches follow the physical
-    order, so the conflicts inside a batch, and thus some suffixed keys,
-    differ from the walk on id. Pages are sized for about ``batch_size``
-    runs. A run that another writer moves past the last page of the walk
-    is keyed by the walker afterwards.
+    This is an experiment, not the project's backfill. Its batches follow
+    the physical order, so the conflicts inside a batch, and thus some
+    suffixed keys, differ from the walk on id. Each batch spans enough
+    pages for about ``batch_size`` runs. A run that another writer moves
+    past the last page of the walk is keyed by the walker afterwards.
     """
     with connection.begin():
         end_block, runs_per_block = connection.execute(_TABLE_PAGES).one()
@@ -335,8 +341,9 @@ def time_block_walk(
             written += connection.execute(statement, params).scalar_one()
         max_ms = max(max_ms, (time.monotonic() - started) * 1000)
     # The walker counts the candidates left before a catch-up pass. That
-    # count reads the index entries of every run keyed so far and marks
-    # them dead, so the first catch-up batch does not scan them under lock.
+    # count reads the index entries left by every run keyed so far and
+    # marks them dead, so the first catch-up batch does not scan them while
+    # it holds row locks.
     with connection.begin():
         connection.execute(_CANDIDATES_LEFT).scalar_one()
     rest, rest_max_ms = time_backfill(connection, spec)
@@ -549,6 +556,7 @@ class Options:
     contenders: tuple[str, ...]
     idle_s: float
     writer_interval_ms: float
+    sleep_ms: int
 
 
 def contender_specs(url: URL, options: Options) -> list[ContenderSpec]:
@@ -557,7 +565,10 @@ def contender_specs(url: URL, options: Options) -> list[ContenderSpec]:
     specs = []
     for kind in options.contenders:
         if kind in (BACKFILL, BLOCK_WALK):
-            specs += [ContenderSpec(kind, raw, size) for size in options.batch_sizes]
+            specs += [
+                ContenderSpec(kind, raw, size, sleep_ms=options.sleep_ms)
+                for size in options.batch_sizes
+            ]
         elif kind == ROW_LOOP:
             specs.append(ContenderSpec(kind, raw, row_limit=options.row_loop_limit))
         else:
@@ -565,18 +576,41 @@ def contender_specs(url: URL, options: Options) -> list[ContenderSpec]:
     return specs
 
 
+@dataclasses.dataclass
+class ContenderRun:
+    """A contender's result with what was measured around it."""
+
+    result: ContenderResult
+    writer_ms: list[float]
+    idle_ms: list[float]
+    wal_bytes: int
+
+
+def wal_position(engine: sa.Engine) -> int:
+    """Return the current WAL insert position in bytes."""
+    query = sa.text("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')")
+    with engine.connect() as connection:
+        return int(connection.execute(query).scalar_one())
+
+
 def measure(
     engine: sa.Engine, spec: ContenderSpec, run_ids: list[uuid.UUID], options: Options
-) -> tuple[ContenderResult, list[float], list[float]]:
-    """Reset the runs, time the idle writer, then the contender with the writer."""
+) -> ContenderRun:
+    """Reset the runs, time the idle writer, then the contender with the writer.
+
+    The WAL volume is the server's during the contender, so it includes the
+    writer's few records.
+    """
     conninfo = conninfo_of(engine.url)
     reset_runs(engine)
     with Writer(conninfo, run_ids, options.writer_interval_ms) as idle:
         time.sleep(options.idle_s)
     with Writer(conninfo, run_ids, options.writer_interval_ms) as busy:
+        wal_before = wal_position(engine)
         result = run_in_new_process(spec)
+        wal_bytes = wal_position(engine) - wal_before
     writer_ms = latencies_between(busy.samples, result.started, result.finished)
-    return result, writer_ms, [ms for _, ms in idle.samples]
+    return ContenderRun(result, writer_ms, [ms for _, ms in idle.samples], wal_bytes)
 
 
 def benchmark_rows(url: URL, rows: int, options: Options) -> list[Measurement]:
@@ -589,10 +623,18 @@ def benchmark_rows(url: URL, rows: int, options: Options) -> list[Measurement]:
     for repeat in range(options.repeat):
         shift = repeat % len(specs)
         for spec in specs[shift:] + specs[:shift]:
-            result, writer_ms, idle_ms = measure(engine, spec, run_ids, options)
+            run = measure(engine, spec, run_ids, options)
             keys_left, checksum = check_keys(engine)
             measurement = Measurement(
-                rows, repeat, result, rows, writer_ms, idle_ms, keys_left, checksum
+                rows,
+                repeat,
+                run.result,
+                rows,
+                run.writer_ms,
+                run.idle_ms,
+                run.wal_bytes,
+                keys_left,
+                checksum,
             )
             log_measurement(measurement)
             measurements.append(measurement)
@@ -604,7 +646,8 @@ def log_measurement(m: Measurement) -> None:
     """Log one run's headline figures to standard error."""
     log.info(
         "%d rows, repeat %d, %s: %d keys in %.2f s (%.0f rows/s), max batch %.0f ms, "
-        "peak RSS %.1f MiB, writer p99 %.1f ms (idle %.1f ms), %d left, checksum %s",
+        "peak RSS %.1f MiB, WAL %.0f MiB, writer p99 %.1f ms (idle %.1f ms), "
+        "%d left, checksum %s",
         m.rows,
         m.repeat + 1,
         m.result.label,
@@ -613,6 +656,7 @@ def log_measurement(m: Measurement) -> None:
         m.rows_per_s,
         m.result.max_batch_ms,
         m.result.peak_rss_mib,
+        m.wal_bytes / 2**20,
         percentile(m.writer_ms, 0.99),
         percentile(m.idle_ms, 0.99),
         m.keys_left,
@@ -647,23 +691,30 @@ def rows_table(measurements: Sequence[Measurement]) -> list[str]:
     grouped = _by_label(measurements)
     single = grouped.get(LABELS[SINGLE_UPDATE], [])
     lines = [
-        "| contender | rows/s | ratio to single UPDATE | max batch ms "
-        "| peak RSS MiB | writer p50 / p99 ms | idle p50 / p99 ms | runs left "
-        "| keys checksum |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        "| contender | rows/s | ratio to single UPDATE | max batch ms, median / max "
+        "| peak RSS MiB | WAL MiB | writer p50 / p99 ms | idle p50 / p99 ms "
+        "| writer p99 / idle p99 | runs left | keys checksum |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for label, runs in grouped.items():
         sampled = " (sample, extrapolated)" if runs[0].extrapolated else ""
         checksums = ", ".join(sorted({m.keys_checksum for m in runs}))
+        max_batch = [m.result.max_batch_ms for m in runs]
         lines.append(
             f"| {label}{sampled} | {_median(m.rows_per_s for m in runs):,.0f} "
             f"| {_ratio_to_single(runs, single)} "
-            f"| {_median(m.result.max_batch_ms for m in runs):,.0f} "
+            f"| {statistics.median(max_batch):,.0f} / {max(max_batch):,.0f} "
             f"| {_median(m.result.peak_rss_mib for m in runs):.1f} "
+            f"| {_median(m.wal_bytes / 2**20 for m in runs):,.0f} "
             f"| {_latency_pair(runs, 'writer_ms')} | {_latency_pair(runs, 'idle_ms')} "
+            f"| {_median(_p99_ratio(m) for m in runs):.1f} "
             f"| {max(m.keys_left for m in runs):,} | {checksums} |"
         )
     return lines
+
+
+def _p99_ratio(m: Measurement) -> float:
+    return percentile(m.writer_ms, 0.99) / percentile(m.idle_ms, 0.99)
 
 
 def _latency_pair(runs: Sequence[Measurement], field: str) -> str:
@@ -744,6 +795,14 @@ def write_report(
         *machine,
         f"- load average (1, 5, 15 min) at the end: {load}",
         "",
+        "## Settings",
+        "",
+        f"- runs of each contender: {options.repeat}, order rotated between runs",
+        f"- writer: one UPDATE due every {options.writer_interval_ms:g} ms; "
+        f"idle baseline {options.idle_s:g} s before each contender",
+        f"- row loop sample: {options.row_loop_limit or 'all'} runs",
+        f"- backfill sleep between batches: {options.sleep_ms} ms",
+        "",
     ]
     for rows, measurements in by_rows.items():
         lines += [f"## {rows:,} runs, median of {options.repeat}", ""]
@@ -814,6 +873,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=10.0,
         help="pause between the writer's updates, in ms (default 10)",
     )
+    parser.add_argument(
+        "--sleep-ms",
+        type=int,
+        default=0,
+        help="pause between the backfill's batches, in ms, as "
+        "RUN_KEY_BACKFILL_SLEEP sets it (default 0)",
+    )
     parser.add_argument("--json", type=Path, help="also write every run to this file")
     return parser.parse_args(argv)
 
@@ -832,6 +898,7 @@ def options_from(args: argparse.Namespace) -> Options:
         contenders=contenders,
         idle_s=args.idle_seconds,
         writer_interval_ms=args.writer_interval_ms,
+        sleep_ms=args.sleep_ms,
     )
 
 
