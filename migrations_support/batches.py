@@ -44,7 +44,7 @@ class PendingKeys:
     """Arrays of keys a dry run would have written in earlier batches.
 
     A dry run writes nothing, so later batches must see these keys as
-    taken, as the real run sees its own earlier writes in the table.
+    taken, as the real run finds its own earlier writes in the table.
     """
 
     workflow_ids: sa.ColumnElement[object]
@@ -208,7 +208,7 @@ def _suffix_taken(
     # planner expects the hash table to fit in work_mem * hash_mem_multiplier,
     # so each conflict costs one lookup. A correlated EXISTS scans the batch
     # once per conflict, which is quadratic for a batch of the whole table.
-    # Neither side can be NULL, so IN and EXISTS give the same answer.
+    # Neither side can be NULL, so IN and EXISTS give the same result.
     kept_keys = sa.select(winner.c.workflow_id, winner.c.run_key_normalized).where(
         winner.c.active, winner.c.holder_id.is_(None)
     )

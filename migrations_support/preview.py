@@ -32,7 +32,7 @@ QUERY_CANCELED = "57014"
 class ConflictGroup:
     """Active runs of one workflow that share a normalized key.
 
-    ``keyed_id`` is the run that already holds the key in the table, if
+    ``keyed_id`` is the run that already has the key in the table, if
     any; ``candidate_ids`` lists at most ``RUNS_SHOWN_PER_GROUP`` of the
     ``candidate_count`` candidates deriving it, in created_at order.
     """
