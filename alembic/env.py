@@ -1,6 +1,6 @@
 """Alembic environment for the workflow run key migrations.
 
-It keeps the template's shape; each addition says why it is there.
+It keeps the template's shape; a comment on each addition gives its reason.
 """
 
 import os

@@ -122,7 +122,7 @@ def _lock_candidates(snapshot: sa.CTE) -> sa.Select:
     return (
         sa.select(*(w.c[name] for name in _CANDIDATE_COLUMNS))
         # = ANY(array) is an index condition on the primary key whatever
-        # the statistics say, where IN (subquery) may become a hash join
+        # the statistics show, where IN (subquery) may become a hash join
         # over the whole table.
         .where(
             w.c.id == sa.any_(sa.cast(snapshot_ids, postgresql.ARRAY(w.c.id.type))),

@@ -104,7 +104,7 @@ def advisory_lock(connection: sa.Connection) -> Iterator[None]:
     commits of each batch and ends with the connection if the process dies.
     """
     if not _try_advisory_lock(connection):
-        log.info("another runner holds the backfill lock; waiting for it to finish")
+        log.info("another runner has the backfill lock; waiting for it to finish")
         while not _try_advisory_lock(connection):
             time.sleep(ADVISORY_LOCK_POLL_S)
         log.info("backfill lock acquired")

@@ -57,7 +57,7 @@ def check_key_schema(connection: sa.Connection) -> None:
 
 
 def check_writable(connection: sa.Connection) -> None:
-    """Raise ``BackfillError`` when the session cannot write: a replica, say.
+    """Raise ``BackfillError`` when the session cannot write, as on a replica.
 
     A hot standby, or a role or database with default_transaction_read_only
     on, rejects the first batch anyway; this check names the cause first.

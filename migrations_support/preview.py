@@ -199,7 +199,7 @@ def write_preview(preview: ConflictPreview, out: TextIO) -> None:
     """Write the preview to ``out``: a summary line, then one line per group.
 
     ``conflicts`` counts the runs that cannot keep their derived key: every
-    run of a group but the one that holds it or gets it first. Each line is
+    run of a group but the one that has it or gets it first. Each line is
     a comment in the Prometheus text format, like the candidate lines, so
     standard output stays one valid exposition.
     """

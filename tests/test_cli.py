@@ -689,7 +689,7 @@ def test_waits_for_advisory_lock(
     assert counter_values(stdout)["updated"] == 5
 
 
-WAITING_LINE = "another runner holds the backfill lock; waiting for it to finish"
+WAITING_LINE = "another runner has the backfill lock; waiting for it to finish"
 
 
 def wait_for_text(path: Path, text: str, timeout_s: float) -> bool:

@@ -12,7 +12,7 @@ from sqlalchemy.engine import URL
 from tests.helpers import counter_values, current_revision, insert_runs, make_run
 from tests.processes import start_alembic, wait_until
 
-WAITING_LINE = "another runner holds the backfill lock; waiting for it to finish"
+WAITING_LINE = "another runner has the backfill lock; waiting for it to finish"
 RUNS = 50
 
 
